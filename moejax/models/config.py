@@ -1,0 +1,336 @@
+"""One configuration dataclass for every supported MoE family.
+
+`MoEConfig` is frozen and hashable so that it can be a static argument of
+`jax.jit`. `from_hf_config` maps a HuggingFace `config.json` dictionary onto
+it; each family's quirks (which layers are dense, how routing normalises,
+which attention variant) are resolved here once, so the model code only reads
+uniform fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+SUPPORTED_MODEL_TYPES = (
+    "qwen2_moe",
+    "qwen3_moe",
+    "mixtral",
+    "olmoe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "deepseek",
+    "xverse",
+)
+
+
+class UnsupportedModelError(ValueError):
+    """Raised for a checkpoint whose `model_type` moejax cannot run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Architecture of a decoder-only MoE language model.
+
+  Attributes are grouped as: shapes, attention, feed-forward layout and
+  routing. Per-layer attributes are tuples of length `num_layers`.
+  """
+
+  model_type: str
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rms_norm_eps: float = 1e-6
+  tie_word_embeddings: bool = False
+  hidden_act: str = "silu"
+
+  # Attention.
+  attention_type: str = "gqa"  # "gqa" (MHA/GQA/MQA) or "mla" (DeepSeek-V2/V3)
+  attention_bias: bool = False  # bias on q/k/v projections
+  qk_norm: str | None = None  # None, "head" (per head, Qwen3) or "full" (whole projection, OLMoE)
+  clip_qkv: float | None = None
+  sliding_windows: tuple[int | None, ...] = ()  # per layer; None = full attention
+  rope_theta: float = 10000.0
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None  # sorted items of the HF rope dict
+  rope_interleave: bool = False  # DeepSeek MLA: rope on interleaved (even, odd) pairs
+  # Multi-head latent attention (DeepSeek-V2/V3).
+  q_lora_rank: int | None = None
+  kv_lora_rank: int = 0
+  qk_nope_head_dim: int = 0
+  qk_rope_head_dim: int = 0
+  v_head_dim: int = 0
+
+  # Feed-forward layout.
+  moe_layers: tuple[bool, ...] = ()  # per layer: True = MoE block, False = dense MLP
+  intermediate_size: int = 0  # dense MLP width
+  moe_intermediate_size: int = 0  # one routed expert's width
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  shared_intermediate_size: int = 0  # total width of the shared expert(s); 0 = none
+  shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid gate on the shared expert output
+
+  # Routing.
+  scoring_func: str = "softmax"  # "softmax" or "sigmoid"
+  topk_method: str = "greedy"  # "greedy", "group_limited_greedy" or "noaux_tc"
+  n_group: int = 1
+  topk_group: int = 1
+  norm_topk_prob: bool = False
+  routed_scaling_factor: float = 1.0
+  router_bias: bool = False  # DeepSeek-V3 e_score_correction_bias (selection only)
+
+  def __post_init__(self):
+    if len(self.moe_layers) != self.num_layers:
+      raise ValueError(
+          f"moe_layers has {len(self.moe_layers)} entries, expected num_layers={self.num_layers}"
+      )
+    if len(self.sliding_windows) != self.num_layers:
+      raise ValueError(
+          f"sliding_windows has {len(self.sliding_windows)} entries, expected num_layers={self.num_layers}"
+      )
+
+  @property
+  def moe_layer_ids(self) -> tuple[int, ...]:
+    """Indices of the layers with a routed-expert block."""
+    return tuple(i for i, is_moe in enumerate(self.moe_layers) if is_moe)
+
+  @property
+  def rope_dim(self) -> int:
+    """Number of channels per head that rotary embeddings act on."""
+    return self.qk_rope_head_dim if self.attention_type == "mla" else self.head_dim
+
+  @property
+  def rope_scaling_dict(self) -> dict[str, Any] | None:
+    return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+  def expert_param_count(self) -> int:
+    """Parameters of one routed expert (gate, up and down projections)."""
+    return 3 * self.hidden_size * self.moe_intermediate_size
+
+
+# ----------------------------------------------------------------------------
+# HuggingFace config.json -> MoEConfig
+# ----------------------------------------------------------------------------
+
+
+def load_hf_config_dict(path: str | os.PathLike) -> dict[str, Any]:
+  """Reads `config.json` from a checkpoint directory."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"Checkpoint path {path!r} does not exist.")
+  config_path = os.path.join(path, "config.json") if os.path.isdir(path) else path
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(
+        f"No config.json in {path!r}: pass the directory of a HuggingFace checkpoint "
+        "(the folder holding config.json and *.safetensors)."
+    )
+  with open(config_path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{config_path} is not valid JSON ({e}); re-download or re-export the checkpoint.") from e
+
+
+def _rope(d: Mapping[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
+  """Returns (rope_theta, rope scaling items) from either config convention.
+
+  transformers >= 5 writes `rope_parameters` (holding `rope_theta` and
+  `rope_type`); older hub configs write `rope_theta` and `rope_scaling`.
+  """
+  params = d.get("rope_parameters")
+  if params:
+    params = dict(params)
+    theta = float(params.pop("rope_theta", d.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    scaling = None if rope_type == "default" else params
+  else:
+    theta = float(d.get("rope_theta", 10000.0))
+    scaling = d.get("rope_scaling")
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
+      scaling = None
+  if scaling:
+    scaling = dict(scaling)
+    scaling.setdefault("rope_type", scaling.get("type"))
+    scaling.pop("type", None)
+    scaling = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in scaling.items()))
+  return theta, scaling or None
+
+
+def _windows(d: Mapping[str, Any], num_layers: int) -> tuple[int | None, ...]:
+  """Per-layer sliding window sizes, following each family's config rules."""
+  window = d.get("sliding_window")
+  if d.get("use_sliding_window") is False:
+    window = None
+  layer_types = d.get("layer_types")
+  if layer_types is not None:
+    return tuple(window if t == "sliding_attention" and window else None for t in layer_types)
+  return tuple(window or None for _ in range(num_layers))
+
+
+def _common(d: Mapping[str, Any], model_type: str) -> dict[str, Any]:
+  num_heads = d["num_attention_heads"]
+  hidden = d["hidden_size"]
+  theta, scaling = _rope(d)
+  num_layers = d["num_hidden_layers"]
+  return dict(
+      model_type=model_type,
+      vocab_size=d["vocab_size"],
+      hidden_size=hidden,
+      num_layers=num_layers,
+      num_heads=num_heads,
+      num_kv_heads=d.get("num_key_value_heads") or num_heads,
+      head_dim=d.get("head_dim") or hidden // num_heads,
+      rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+      tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+      hidden_act=d.get("hidden_act", "silu"),
+      rope_theta=theta,
+      rope_scaling=scaling,
+      sliding_windows=_windows(d, num_layers),
+  )
+
+
+def _qwen_moe_layers(d: Mapping[str, Any]) -> tuple[bool, ...]:
+  """Qwen2/3-MoE: MoE unless listed in mlp_only_layers or off the sparse step."""
+  mlp_only = set(d.get("mlp_only_layers") or ())
+  step = d.get("decoder_sparse_step", 1) or 1
+  n_exp = d.get("num_experts", 0)
+  return tuple(
+      i not in mlp_only and n_exp > 0 and (i + 1) % step == 0 for i in range(d["num_hidden_layers"])
+  )
+
+
+def _deepseek_moe_layers(d: Mapping[str, Any]) -> tuple[bool, ...]:
+  """DeepSeek families: dense for the first `first_k_dense_replace` layers, then every `moe_layer_freq`-th."""
+  if d.get("mlp_layer_types"):
+    return tuple(t == "sparse" for t in d["mlp_layer_types"])
+  first_dense = d.get("first_k_dense_replace", 0) or 0
+  freq = d.get("moe_layer_freq", 1) or 1
+  n_routed = d.get("n_routed_experts") or 0
+  return tuple(
+      n_routed > 0 and i >= first_dense and i % freq == 0 for i in range(d["num_hidden_layers"])
+  )
+
+
+def _from_qwen2_moe(d):
+  return MoEConfig(
+      **_common(d, "qwen2_moe"),
+      attention_bias=bool(d.get("qkv_bias", True)),
+      moe_layers=_qwen_moe_layers(d),
+      intermediate_size=d["intermediate_size"],
+      moe_intermediate_size=d["moe_intermediate_size"],
+      num_experts=d["num_experts"],
+      num_experts_per_tok=d["num_experts_per_tok"],
+      shared_intermediate_size=d.get("shared_expert_intermediate_size", 0) or 0,
+      shared_expert_gate=True,
+      norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+  )
+
+
+def _from_qwen3_moe(d):
+  return MoEConfig(
+      **_common(d, "qwen3_moe"),
+      attention_bias=bool(d.get("attention_bias", False)),
+      qk_norm="head",
+      moe_layers=_qwen_moe_layers(d),
+      intermediate_size=d["intermediate_size"],
+      moe_intermediate_size=d["moe_intermediate_size"],
+      num_experts=d["num_experts"],
+      num_experts_per_tok=d["num_experts_per_tok"],
+      norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+  )
+
+
+def _from_mixtral(d):
+  return MoEConfig(
+      **_common(d, "mixtral"),
+      moe_layers=(True,) * d["num_hidden_layers"],
+      moe_intermediate_size=d["intermediate_size"],
+      num_experts=d["num_local_experts"],
+      num_experts_per_tok=d["num_experts_per_tok"],
+      norm_topk_prob=True,
+  )
+
+
+def _from_olmoe(d):
+  return MoEConfig(
+      **_common(d, "olmoe"),
+      attention_bias=bool(d.get("attention_bias", False)),
+      qk_norm="full",
+      clip_qkv=d.get("clip_qkv"),
+      moe_layers=(True,) * d["num_hidden_layers"],
+      moe_intermediate_size=d["intermediate_size"],
+      num_experts=d["num_experts"],
+      num_experts_per_tok=d["num_experts_per_tok"],
+      norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+  )
+
+
+_CONVERTERS = {
+    "qwen2_moe": _from_qwen2_moe,
+    "qwen3_moe": _from_qwen3_moe,
+    "mixtral": _from_mixtral,
+    "olmoe": _from_olmoe,
+}
+
+
+def register_family(model_type: str, converter) -> None:
+  """Registers a `config.json dict -> MoEConfig` converter for a model_type."""
+  _CONVERTERS[model_type] = converter
+
+
+class _Fields(Mapping):
+  """config.json fields, resolved through the transformers config class when one exists.
+
+  The transformers class fills defaults and resolves aliases (e.g. Qwen3-MoE
+  writes `num_local_experts` where hub configs say `num_experts`) and the
+  rope convention; families that transformers does not ship read the raw dict.
+  """
+
+  def __init__(self, d: Mapping[str, Any]):
+    self._d = dict(d)
+    self._hf = None
+    try:
+      import transformers  # configs only; moejax never imports torch
+
+      rest = {k: v for k, v in d.items() if k != "model_type"}
+      self._hf = transformers.AutoConfig.for_model(d["model_type"], **rest)
+    except (ImportError, ValueError, KeyError):
+      self._hf = None
+
+  def __getitem__(self, key):
+    if self._hf is not None and hasattr(self._hf, key):
+      return getattr(self._hf, key)
+    return self._d[key]
+
+  def __contains__(self, key):
+    return (self._hf is not None and hasattr(self._hf, key)) or key in self._d
+
+  def __iter__(self):
+    return iter(self._d)
+
+  def __len__(self):
+    return len(self._d)
+
+  def get(self, key, default=None):
+    return self[key] if key in self else default
+
+
+def from_hf_config(d: Mapping[str, Any]) -> MoEConfig:
+  """Builds a `MoEConfig` from a HuggingFace `config.json` dictionary.
+
+  Raises:
+    UnsupportedModelError: the `model_type` is not one moejax implements.
+  """
+  model_type = d.get("model_type")
+  if model_type not in _CONVERTERS:
+    raise UnsupportedModelError(
+        f"Unsupported model_type {model_type!r}. moejax supports: {', '.join(sorted(_CONVERTERS))}."
+    )
+  try:
+    return _CONVERTERS[model_type](_Fields(d))
+  except KeyError as e:
+    raise ValueError(f"config.json of a {model_type} model lacks the field {e.args[0]!r}.") from e

@@ -1,0 +1,266 @@
+"""Dense building blocks: norms, rotary embeddings, attention, gated MLP.
+
+Shapes: B batch, T query tokens, S cache length, D hidden size, H query heads,
+K key/value heads, Dh head dim. Linear kernels are stored `[in, out]`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.models.config import MoEConfig
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str):
+  if name not in ACTIVATIONS:
+    raise ValueError(f"Unsupported hidden_act {name!r}; supported: {sorted(ACTIVATIONS)}.")
+  return ACTIVATIONS[name]
+
+
+def _param(shape, dtype, init=jnp.zeros):
+  return nnx.Param(init(shape, dtype))
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel (+ bias); kernel `[in, out]`."""
+
+  def __init__(self, d_in: int, d_out: int, *, bias: bool = False, dtype=jnp.float32):
+    self.kernel = _param((d_in, d_out), dtype)
+    self.bias = _param((d_out,), dtype) if bias else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = x @ self.kernel[...]
+    return y if self.bias is None else y + self.bias[...]
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm computed in float32, as the HF models do."""
+
+  def __init__(self, dim: int, eps: float, *, dtype=jnp.float32):
+    self.weight = _param((dim,), dtype, jnp.ones)
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...] * x32.astype(dtype)
+
+
+class MLP(nnx.Module):
+  """Gated feed-forward block: down(act(gate(x)) * up(x))."""
+
+  def __init__(self, hidden: int, intermediate: int, act: str, *, dtype=jnp.float32):
+    self.gate_proj = Linear(hidden, intermediate, dtype=dtype)
+    self.up_proj = Linear(hidden, intermediate, dtype=dtype)
+    self.down_proj = Linear(intermediate, hidden, dtype=dtype)
+    self.act = act
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----------------------------------------------------------------------------
+# Rotary position embeddings
+# ----------------------------------------------------------------------------
+
+
+def _yarn_inv_freq(dim: int, theta: float, s: dict, max_pos: int) -> tuple[jax.Array, float]:
+  """YaRN frequencies and attention factor (Peng et al. 2023), as HF computes them."""
+  factor = s["factor"]
+  orig = s.get("original_max_position_embeddings") or max_pos
+  beta_fast = s.get("beta_fast") or 32
+  beta_slow = s.get("beta_slow") or 1
+
+  def get_mscale(scale, mscale=1.0):
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+  attention_factor = s.get("attention_factor")
+  if attention_factor is None:
+    if s.get("mscale") and s.get("mscale_all_dim"):
+      attention_factor = get_mscale(factor, s["mscale"]) / get_mscale(factor, s["mscale_all_dim"])
+    else:
+      attention_factor = get_mscale(factor)
+
+  def correction_dim(num_rot):
+    return (dim * math.log(orig / (num_rot * 2 * math.pi))) / (2 * math.log(theta))
+
+  low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+  if s.get("truncate", True):
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, dim - 1)
+  if low == high:
+    high += 0.001
+  pos_freqs = theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+  inv_extra = 1.0 / pos_freqs
+  inv_inter = 1.0 / (factor * pos_freqs)
+  ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+  extra_factor = 1 - ramp
+  inv_freq = inv_inter * (1 - extra_factor) + inv_extra * extra_factor
+  return inv_freq, float(attention_factor)
+
+
+def rope_frequencies(config: MoEConfig, max_position_embeddings: int = 4096) -> tuple[jax.Array, float]:
+  """Returns (inv_freq `[rope_dim // 2]`, attention scaling of cos/sin)."""
+  dim, theta = config.rope_dim, config.rope_theta
+  scaling = config.rope_scaling_dict
+  rope_type = None if scaling is None else scaling.get("rope_type")
+  if rope_type in (None, "default"):
+    return 1.0 / theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim), 1.0
+  if rope_type == "linear":
+    return 1.0 / theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim) / scaling["factor"], 1.0
+  if rope_type == "yarn":
+    return _yarn_inv_freq(dim, theta, scaling, max_position_embeddings)
+  raise ValueError(f"Unsupported rope_type {rope_type!r}; supported: default, linear, yarn.")
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
+  """cos/sin tables `[B, T, rope_dim]` (frequencies repeated twice, HF layout)."""
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb) * scale, jnp.sin(emb) * scale
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, *, interleave: bool = False) -> jax.Array:
+  """Rotates `x[B, T, N, rope_dim]` by position (rotate-half convention).
+
+  With `interleave`, channels are first de-interleaved from (even, odd) pairs
+  into two halves, which is how DeepSeek's MLA checkpoints store them.
+  """
+  dtype = x.dtype
+  if interleave:
+    b, t, n, d = x.shape
+    x = x.reshape(b, t, n, d // 2, 2).swapaxes(-1, -2).reshape(b, t, n, d)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  out = x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+  return out.astype(dtype)
+
+
+# ----------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------
+
+
+class KVCache(NamedTuple):
+  """Per-layer key/value cache.
+
+  k: `[B, S, K, Dk]`, v: `[B, S, K, Dv]`, valid: `[B, S]` (False for padding
+  and for slots not yet written).
+  """
+
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+
+
+class AttentionInputs(NamedTuple):
+  """What every attention layer needs besides the hidden states.
+
+  positions: `[B, T]` rotary positions of the query tokens.
+  token_valid: `[B, T]` False for left padding.
+  index: scalar int32, cache row of the first query token.
+  cos, sin: `[B, T, rope_dim]` rotary tables for `positions`.
+  """
+
+  positions: jax.Array
+  token_valid: jax.Array
+  index: jax.Array
+  cos: jax.Array
+  sin: jax.Array
+
+
+def attention_mask(inputs: AttentionInputs, cache: KVCache, window: int | None) -> jax.Array:
+  """Boolean mask `[B, 1, T, S]`: causal, padding-aware, optional sliding window."""
+  t = inputs.positions.shape[1]
+  s = cache.valid.shape[1]
+  q_idx = inputs.index + jnp.arange(t)[:, None]
+  k_idx = jnp.arange(s)[None, :]
+  allowed = k_idx <= q_idx
+  if window:
+    allowed = allowed & (q_idx - k_idx < window)
+  return (allowed[None] & cache.valid[:, None, :])[:, None]
+
+
+def update_cache(cache: KVCache, k: jax.Array, v: jax.Array, valid: jax.Array, index) -> KVCache:
+  """Writes `T` new rows at `index` (all sequences share the write position)."""
+  k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), index, axis=1)
+  v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), index, axis=1)
+  valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, index, axis=1)
+  return KVCache(k, v, valid)
+
+
+def dot_product_attention(q, k, v, mask, scale: float) -> jax.Array:
+  """Grouped-query attention with float32 softmax.
+
+  q: `[B, T, H, Dk]`, k: `[B, S, K, Dk]`, v: `[B, S, K, Dv]`, mask `[B, 1, T, S]`.
+  Returns `[B, T, H, Dv]`.
+  """
+  b, t, h, dk = q.shape
+  kh = k.shape[2]
+  q = q.reshape(b, t, kh, h // kh, dk)
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * scale
+  logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h, v.shape[-1])
+
+
+class Attention(nnx.Module):
+  """Multi-head / grouped-query attention with rotary embeddings and optional q/k norms."""
+
+  def __init__(self, config: MoEConfig, layer: int, *, dtype=jnp.float32):
+    c = config
+    d, h, kh, dh = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+    self.q_proj = Linear(d, h * dh, bias=c.attention_bias, dtype=dtype)
+    self.k_proj = Linear(d, kh * dh, bias=c.attention_bias, dtype=dtype)
+    self.v_proj = Linear(d, kh * dh, bias=c.attention_bias, dtype=dtype)
+    self.o_proj = Linear(h * dh, d, dtype=dtype)
+    if c.qk_norm == "head":
+      self.q_norm, self.k_norm = RMSNorm(dh, c.rms_norm_eps, dtype=dtype), RMSNorm(dh, c.rms_norm_eps, dtype=dtype)
+    elif c.qk_norm == "full":
+      self.q_norm = RMSNorm(h * dh, c.rms_norm_eps, dtype=dtype)
+      self.k_norm = RMSNorm(kh * dh, c.rms_norm_eps, dtype=dtype)
+    else:
+      self.q_norm = self.k_norm = None
+    self.qk_norm = c.qk_norm
+    self.clip_qkv = c.clip_qkv
+    self.num_heads, self.num_kv_heads, self.head_dim = h, kh, dh
+    self.window = c.sliding_windows[layer]
+
+  def kv_shape(self) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((K, Dk), (K, Dv)) of this layer's cache rows."""
+    return (self.num_kv_heads, self.head_dim), (self.num_kv_heads, self.head_dim)
+
+  def __call__(self, x: jax.Array, inputs: AttentionInputs, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """x: `[B, T, D]` -> (`[B, T, D]`, updated cache)."""
+    b, t, _ = x.shape
+    q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    if self.qk_norm == "full":
+      q, k = self.q_norm(q), self.k_norm(k)
+    if self.clip_qkv is not None:
+      q, k, v = (jnp.clip(a, -self.clip_qkv, self.clip_qkv) for a in (q, k, v))
+    q = q.reshape(b, t, self.num_heads, self.head_dim)
+    k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
+    if self.qk_norm == "head":
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = apply_rope(q, inputs.cos, inputs.sin)
+    k = apply_rope(k, inputs.cos, inputs.sin)
+    cache = update_cache(cache, k, v, inputs.token_valid, inputs.index)
+    mask = attention_mask(inputs, cache, self.window)
+    out = dot_product_attention(q, cache.k, cache.v, mask, self.head_dim**-0.5)
+    return self.o_proj(out.reshape(b, t, -1)), cache

@@ -1,0 +1,109 @@
+"""`Model`: a loaded MoE language model, fully resident forward and greedy decode.
+
+A `Model` bundles the configuration, the decoder (every parameter except the
+routed experts, as an NNX module) and the routed experts per layer as
+`ExpertWeights` stacked `[E, ...]`. The routed experts may be device arrays
+(resident) or host numpy arrays (for the offload engine, which moves them).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moejax.models import decoder as decoder_lib
+from moejax.models.config import MoEConfig
+from moejax.models.moe import ExpertWeights
+
+
+def prompt_positions(attention_mask: jax.Array) -> jax.Array:
+  """Rotary positions `[B, T]` of a left-padded batch: 0 at each first real token."""
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def _as_batch(input_ids, attention_mask) -> tuple[jax.Array, jax.Array]:
+  ids = jnp.asarray(input_ids, jnp.int32)
+  if ids.ndim != 2:
+    raise ValueError(f"input_ids must be [batch, tokens], got shape {ids.shape}.")
+  if attention_mask is None:
+    mask = jnp.ones(ids.shape, bool)
+  else:
+    mask = jnp.asarray(attention_mask).astype(bool)
+    if mask.shape != ids.shape:
+      raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids {ids.shape}.")
+  return ids, mask
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(6,))
+def _forward_jit(graphdef, state, experts, ids, positions, valid, caches, index):
+  decoder = nnx.merge(graphdef, state)
+  return decoder_lib.forward(decoder, experts, ids, positions, valid, index, caches)
+
+
+class Model:
+  """A loaded MoE model. Use `moejax.load(path)` to build one.
+
+  Attributes:
+    config: the `MoEConfig`.
+    decoder: NNX module with all non-routed parameters.
+    experts: per layer, `ExpertWeights` `[E, ...]` (None for dense layers).
+  """
+
+  def __init__(self, config: MoEConfig, decoder: decoder_lib.Decoder, experts: Sequence[ExpertWeights | None]):
+    self.config = config
+    self.decoder = decoder
+    self.experts = list(experts)
+    self.graphdef, self.state = nnx.split(decoder)
+
+  @property
+  def dtype(self):
+    return self.decoder.embed_tokens[...].dtype
+
+  def experts_on_device(self) -> list[ExpertWeights | None]:
+    """Routed experts as device arrays (copies host-resident ones)."""
+    return [None if w is None else ExpertWeights(*(jnp.asarray(a) for a in w)) for w in self.experts]
+
+  def init_caches(self, batch: int, max_len: int):
+    return self.decoder.init_caches(batch, max_len)
+
+  def forward(self, input_ids, attention_mask=None) -> jax.Array:
+    """Causal forward: input_ids `[B, T]` (left padded if masked) -> logits `[B, T, V]`."""
+    ids, mask = _as_batch(input_ids, attention_mask)
+    caches = self.init_caches(ids.shape[0], ids.shape[1])
+    logits, _ = _forward_jit(
+        self.graphdef, self.state, self.experts_on_device(), ids, prompt_positions(mask), mask, caches, 0
+    )
+    return logits
+
+  def generate(self, input_ids, max_new_tokens: int, attention_mask=None) -> np.ndarray:
+    """Greedy decoding, fully resident, with a KV cache.
+
+    Args:
+      input_ids: `[B, T]` prompts, left padded where `attention_mask` is 0.
+      max_new_tokens: N tokens to generate (no early stop at EOS).
+
+    Returns:
+      tokens `[B, T + N]` int32 (prompt followed by the generated tokens).
+    """
+    ids, mask = _as_batch(input_ids, attention_mask)
+    b, t = ids.shape
+    experts = self.experts_on_device()
+    caches = self.init_caches(b, t + max_new_tokens)
+    positions = prompt_positions(mask)
+    logits, caches = _forward_jit(self.graphdef, self.state, experts, ids, positions, mask, caches, 0)
+    out = [ids]
+    next_pos = positions[:, -1:] + 1
+    ones = jnp.ones((b, 1), bool)
+    for step in range(max_new_tokens):
+      token = jnp.argmax(logits[:, -1:], axis=-1).astype(jnp.int32)
+      out.append(token)
+      if step == max_new_tokens - 1:
+        break
+      logits, caches = _forward_jit(self.graphdef, self.state, experts, token, next_pos, ones, caches, t + step)
+      next_pos = next_pos + 1
+    return np.asarray(jnp.concatenate(out, axis=1))

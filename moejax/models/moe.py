@@ -1,0 +1,177 @@
+"""Mixture-of-Experts math: router scores, the model's own top-k, expert compute.
+
+The MoE block is split so that an offloading engine can sit between routing
+and expert compute: `Router` gives scores `[N, E]`; `select_experts` applies
+the model's own top-k rule; `combine_weights` turns the chosen experts'
+scores into mixing weights; `routed_experts` computes experts from *given*
+weight buffers `[S, ...]` addressed by slot index, so the weights may be a
+device cache of S <= E slots, or all E experts.
+
+Shapes: N tokens (flattened batch), D hidden, E routed experts, k experts per
+token, S slots, F expert width.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.models.config import MoEConfig
+from moejax.models.layers import MLP, Linear, activation
+
+
+class ExpertWeights(NamedTuple):
+  """Stacked routed-expert weights: gate `[S, D, F]`, up `[S, D, F]`, down `[S, F, D]`."""
+
+  gate: jax.Array
+  up: jax.Array
+  down: jax.Array
+
+
+class Router(nnx.Module):
+  """Linear router producing per-expert scores (the expert's importance)."""
+
+  def __init__(self, config: MoEConfig, *, dtype=jnp.float32):
+    self.weight = nnx.Param(jnp.zeros((config.hidden_size, config.num_experts), dtype))
+    # DeepSeek-V3's e_score_correction_bias: shifts selection only, never the weights.
+    self.bias = nnx.Param(jnp.zeros((config.num_experts,), jnp.float32)) if config.router_bias else None
+    self.scoring_func = config.scoring_func
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: `[N, D]` -> scores `[N, E]` in float32 (softmax or sigmoid of the logits)."""
+    logits = (x @ self.weight[...]).astype(jnp.float32)
+    if self.scoring_func == "softmax":
+      return jax.nn.softmax(logits, axis=-1)
+    if self.scoring_func == "sigmoid":
+      return jax.nn.sigmoid(logits)
+    raise ValueError(f"Unsupported scoring_func {self.scoring_func!r}; use 'softmax' or 'sigmoid'.")
+
+  def selection_bias(self) -> jax.Array | None:
+    return None if self.bias is None else self.bias[...]
+
+
+def select_experts(config: MoEConfig, scores: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+  """The model's own expert choice. scores `[N, E]` -> expert ids `[N, k]` int32.
+
+  greedy: top-k of the scores. group_limited_greedy: experts are split into
+  `n_group` groups, a group scores by its best expert, only the `topk_group`
+  best groups are eligible. noaux_tc (DeepSeek-V3): selection on
+  `scores + bias`, a group scores by the sum of its two best experts.
+  """
+  k = config.num_experts_per_tok
+  sel = scores if bias is None else scores + bias
+  if config.topk_method in ("group_limited_greedy", "noaux_tc") and config.n_group > 1:
+    n, e = sel.shape
+    grouped = sel.reshape(n, config.n_group, e // config.n_group)
+    if config.topk_method == "noaux_tc":
+      group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)
+    else:
+      group_score = grouped.max(-1)
+    _, top_groups = jax.lax.top_k(group_score, config.topk_group)
+    group_mask = jnp.zeros((n, config.n_group), bool).at[jnp.arange(n)[:, None], top_groups].set(True)
+    expert_mask = jnp.repeat(group_mask, e // config.n_group, axis=1)
+    sel = jnp.where(expert_mask, sel, 0.0 if config.topk_method == "noaux_tc" else -jnp.inf)
+  elif config.topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+    raise ValueError(f"Unsupported topk_method {config.topk_method!r}.")
+  return jax.lax.top_k(sel, k)[1].astype(jnp.int32)
+
+
+def combine_weights(config: MoEConfig, gate_scores: jax.Array) -> jax.Array:
+  """Mixing weights `[N, k]` from the chosen experts' scores `[N, k]`.
+
+  Applies the model's top-k renormalisation and routed scaling factor, so
+  that substituted experts are weighted the way the model weights its own.
+  """
+  w = gate_scores
+  if config.norm_topk_prob and config.num_experts_per_tok > 1:
+    w = w / (w.sum(-1, keepdims=True) + 1e-20)
+  return w * config.routed_scaling_factor
+
+
+def _expert_ffn(x, gate, up, down, act):
+  return (activation(act)(x @ gate) * (x @ up)) @ down
+
+
+def routed_experts(
+    x: jax.Array, weights: ExpertWeights, slots: jax.Array, mix: jax.Array, act: str = "silu"
+) -> jax.Array:
+  """Weighted sum of routed experts, reading weights from slot buffers.
+
+  Args:
+    x: `[N, D]` token activations.
+    weights: `ExpertWeights` with leading dim S (slots; S = E when resident).
+    slots: `[N, k]` int32 slot of each chosen expert; entries < 0 are skipped.
+    mix: `[N, k]` mixing weights.
+    act: activation name.
+
+  Returns:
+    `[N, D]` in the dtype of x.
+
+  Few assignments (decode) index one expert at a time, which reads only the
+  chosen experts' weights; many (prefill) sort assignments by slot and use a
+  grouped matmul (`lax.ragged_dot`).
+  """
+  n, k = slots.shape
+  if n * k <= 64:
+    flat_slots, flat_mix = slots.reshape(-1), mix.reshape(-1).astype(jnp.float32)
+
+    def add_one(p, out):
+      s = flat_slots[p]
+      idx = jnp.maximum(s, 0)
+      g, u, d = (jax.lax.dynamic_index_in_dim(w, idx, keepdims=False) for w in weights)
+      xi = jax.lax.dynamic_index_in_dim(x, p // k, keepdims=False)
+      y = _expert_ffn(xi, g, u, d, act).astype(jnp.float32)
+      return out.at[p // k].add(jnp.where(s >= 0, flat_mix[p], 0.0) * y)
+
+    out = jax.lax.fori_loop(0, n * k, add_one, jnp.zeros(x.shape, jnp.float32))
+    return out.astype(x.dtype)
+
+  num_slots = weights.gate.shape[0]
+  flat = slots.reshape(-1)
+  valid = flat >= 0
+  key = jnp.where(valid, flat, num_slots)  # invalid assignments sort last, into no group
+  order = jnp.argsort(key)
+  token_of = (jnp.arange(n * k) // k)[order]
+  xs = x[token_of]
+  group_sizes = jnp.bincount(key, length=num_slots + 1)[:num_slots].astype(jnp.int32)
+  h = activation(act)(jax.lax.ragged_dot(xs, weights.gate, group_sizes)) * jax.lax.ragged_dot(
+      xs, weights.up, group_sizes
+  )
+  y = jax.lax.ragged_dot(h, weights.down, group_sizes).astype(jnp.float32)
+  w = jnp.where(valid, mix.reshape(-1), 0.0)[order].astype(jnp.float32)
+  out = jnp.zeros(x.shape, jnp.float32).at[token_of].add(w[:, None] * y)
+  return out.astype(x.dtype)
+
+
+class SharedExperts(nnx.Module):
+  """Shared expert(s) that every token uses; optional sigmoid gate (Qwen2-MoE)."""
+
+  def __init__(self, config: MoEConfig, *, dtype=jnp.float32):
+    self.mlp = MLP(config.hidden_size, config.shared_intermediate_size, config.hidden_act, dtype=dtype)
+    self.gate = Linear(config.hidden_size, 1, dtype=dtype) if config.shared_expert_gate else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: `[N, D]` -> `[N, D]`."""
+    y = self.mlp(x)
+    if self.gate is not None:
+      y = jax.nn.sigmoid(self.gate(x)) * y
+    return y
+
+
+class MoEBlock(nnx.Module):
+  """The non-routed part of an MoE layer: router and shared experts.
+
+  Routed expert weights are not owned here: they are passed to
+  `routed_experts`, so that where they live is the caller's business.
+  """
+
+  def __init__(self, config: MoEConfig, *, dtype=jnp.float32):
+    self.router = Router(config, dtype=dtype)
+    self.shared = SharedExperts(config, dtype=dtype) if config.shared_intermediate_size else None
+
+  def shared_output(self, x: jax.Array) -> jax.Array:
+    """x: `[N, D]` -> shared experts' contribution `[N, D]` (zeros if none)."""
+    return jnp.zeros_like(x) if self.shared is None else self.shared(x)

@@ -1,0 +1,57 @@
+"""Tiny random HuggingFace models for parity tests (PyTorch is a test-only dependency)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
+  """Re-draws every parameter so that logits, routing and norms are far from trivial.
+
+  HF initialises norms to one and linear layers with std 0.02, which makes
+  logits nearly constant; parity on such a model proves little.
+  """
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+      if p.ndim == 1 and "norm" in name:
+        p.copy_(1.0 + 0.1 * noise)
+      else:
+        p.copy_(std * noise)
+    for name, b in model.named_buffers():
+      if "e_score_correction_bias" in name:
+        b.copy_(0.05 * torch.randn(b.shape, generator=gen))
+  return model
+
+
+def build_hf_model(config: transformers.PretrainedConfig, path, seed: int = 0) -> torch.nn.Module:
+  """Creates a random float32 HF causal LM from `config`, saves it to `path`, returns it in eval mode."""
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+  randomize_(model, seed)
+  model.eval()
+  model.save_pretrained(path)
+  return model
+
+
+def hf_logits(model: torch.nn.Module, ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+  with torch.no_grad():
+    kwargs = {}
+    if attention_mask is not None:
+      kwargs["attention_mask"] = torch.tensor(attention_mask)
+      kwargs["position_ids"] = torch.tensor(np.maximum(np.cumsum(attention_mask, 1) - 1, 0))
+    return model(torch.tensor(ids), **kwargs).logits.float().numpy()
+
+
+def hf_greedy(model: torch.nn.Module, ids: np.ndarray, max_new_tokens: int, attention_mask=None) -> np.ndarray:
+  with torch.no_grad():
+    # An explicit mask: otherwise generate() treats every pad_token_id in the prompt as padding.
+    mask = np.ones_like(ids) if attention_mask is None else attention_mask
+    out = model.generate(
+        torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None,
+    )
+  return out.numpy()
