@@ -13,7 +13,7 @@ Per step the caller (the engine) does, for each layer::
     state = observe(state, scores, plan.needed, valid)
 
 Eviction policies (the resident, non-shielded expert with the lowest key is
-evicted; ties go to the lowest slot index):
+evicted; ties go to the lowest expert id):
 
 - ``"score"``: mean gate score over the last ``n`` steps (SPEC section 4).
 - ``"lru"``: step of last use (mixtral-offloading style).
@@ -251,7 +251,11 @@ def admit(state: CacheState, want: jax.Array, shield: jax.Array,
         empty = slot_expert < 0
         evictable = ~empty & ~protected[jnp.maximum(slot_expert, 0)]
         slot_key = key[jnp.maximum(slot_expert, 0)]
-        victim_slot = jnp.argmin(jnp.where(evictable, slot_key, jnp.inf))
+        # Lowest key first; ties go to the lowest expert id, so the outcome
+        # does not depend on which slot an expert happens to occupy.
+        lowest = jnp.min(jnp.where(evictable, slot_key, jnp.inf))
+        tied = evictable & (slot_key == lowest)
+        victim_slot = jnp.argmin(jnp.where(tied, slot_expert, num_experts))
         slot = jnp.where(empty.any(), jnp.argmax(empty), victim_slot)
         ok = to_admit[expert] & (empty.any() | evictable.any())
         # An expert left out means no slot is free: later ones skip as well.

@@ -294,13 +294,15 @@ def route(scores: jax.Array, resident: jax.Array, *, k: int, alpha,
 def buddy_route(scores: jax.Array, resident: jax.Array, *, k: int,
                 similarity: jax.Array, selected: jax.Array | None = None,
                 valid: jax.Array | None = None,
-                substitute_weight: str = "own") -> Plan:
+                substitute_weight: str = "own", alpha=None) -> Plan:
     """BuddyMoE-style routing: replace every missing expert by its best buddy.
 
     Per valid token, each selected expert that is not resident is replaced
     (in descending score order) by the resident expert most similar to it
     that the token does not already use, whatever its score; without such an
-    expert it stays missing.
+    expert it stays missing. With ``alpha`` given, top-score experts
+    (``S > (1 + alpha) * S_(k+1)``) are never replaced, so that ``alpha = 0``
+    computes the selection exactly, as for every moejax policy.
 
     Args:
       scores: ``[T, E]`` gate probabilities.
@@ -311,10 +313,13 @@ def buddy_route(scores: jax.Array, resident: jax.Array, *, k: int,
       selected: ``[T, k] int32``; default top-k of ``scores``.
       valid: ``[T] bool``, False for padding tokens.
       substitute_weight: as in :func:`route`.
+      alpha: optional threshold protecting top-score experts (None: classic
+        BuddyMoE, any missing expert may be replaced); may be traced.
 
     Returns:
       A :class:`Plan`; ``top_score`` marks the unsubstituted positions whose
-      expert scores strictly above ``S_(k+1)`` (the ``alpha = 0`` rule).
+      expert scores strictly above ``(1 + alpha) * S_(k+1)`` (``alpha = 0``
+      when None).
     """
     _check_substitute_weight(substitute_weight)
     scores = scores.astype(jnp.float32)
@@ -323,13 +328,16 @@ def buddy_route(scores: jax.Array, resident: jax.Array, *, k: int,
     num_experts = scores.shape[-1]
     resident = resident.astype(bool)
 
+    _, _, top_mask = _top_scores(scores, selected,
+                                 0.0 if alpha is None else _as_alpha(alpha))
+    top = jnp.take_along_axis(top_mask, selected, axis=-1)
     to_replace = ~resident[selected] & valid[:, None]
+    if alpha is not None:
+        to_replace = to_replace & ~top
     eligible = jnp.broadcast_to(resident, (*selected.shape, num_experts))
     ranking = _candidate_ranking(scores, selected, similarity)
     experts = jax.vmap(_substitute_token)(scores, selected, to_replace,
                                           eligible, ranking)
-    _, _, top_mask = _top_scores(scores, selected, 0.0)
-    top = jnp.take_along_axis(top_mask, selected, axis=-1)
     return _make_plan(scores, selected, experts, top & (experts == selected),
                       valid, resident, substitute_weight)
 

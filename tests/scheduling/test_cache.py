@@ -171,7 +171,7 @@ def reference_admit(state, want, shield, priority, policy, max_loads):
                          if not (want[e] or shield[e])]
             if not evictable:
                 break
-            slot = min(evictable, key=lambda s: (key[slots[s]], s))
+            slot = min(evictable, key=lambda s: (key[slots[s]], slots[s]))
         slots[slot] = expert
         admitted.append((expert, slot))
     return slots, admitted

@@ -1,0 +1,25 @@
+"""Next-token choice: greedy, or temperature / nucleus (top-p) sampling."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def sample(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0, top_p: float = 1.0) -> jax.Array:
+  """logits `[B, V]` -> tokens `[B]` int32. temperature 0 is greedy."""
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}.")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+  if temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  if top_p < 1:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    keep = jnp.cumsum(probs, axis=-1) - probs < top_p
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
