@@ -1,0 +1,63 @@
+"""Shared pieces of the benchmark scripts: the benchmark checkpoint, machine info, JSON output."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import time
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# The ~128M-parameter random Qwen2-MoE of the benchmarks: 8 layers, 32 experts, top-4, hidden 512.
+BENCH_CONFIG = dict(
+    vocab_size=16384, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
+    shared_expert_intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+    num_experts=32, num_experts_per_tok=4, norm_topk_prob=False, max_position_embeddings=2048,
+)
+DEFAULT_CHECKPOINT = os.path.expanduser("~/.cache/moejax/bench_qwen2_moe_128m")
+
+
+def build_checkpoint(path: str = DEFAULT_CHECKPOINT) -> str:
+  """Writes the random benchmark checkpoint with transformers (once) and returns its path."""
+  if not os.path.exists(os.path.join(path, "config.json")):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Qwen2MoeConfig(**BENCH_CONFIG)
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+  return path
+
+
+def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+  """Bytes/s of a plain numpy copy of a buffer much larger than the caches."""
+  src = np.ones(nbytes // 4, np.float32)
+  dst = np.empty_like(src)
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    np.copyto(dst, src)
+    best = min(best, time.perf_counter() - t)
+  return nbytes / best
+
+
+def write_report(name: str, path: str, **fields) -> dict:
+  """Writes a benchmark's JSON with date, machine and versions; returns it."""
+  import jax
+
+  report = {
+      "benchmark": name,
+      "date": datetime.datetime.now().isoformat(timespec="seconds"),
+      "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                  "cpus": os.cpu_count(), "jax_device": str(jax.devices()[0])},
+      "versions": {"jax": jax.__version__, "python": platform.python_version()},
+      **fields,
+  }
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(report, f, indent=2)
+  return report
