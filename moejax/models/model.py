@@ -26,6 +26,17 @@ def prompt_positions(attention_mask: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
 
 
+def bucket(n: int, minimum: int = 16) -> int:
+  """Smallest power of two >= n (and >= minimum): padded lengths that bound recompilation."""
+  return max(minimum, 1 << max(0, (n - 1).bit_length()))
+
+
+def left_pad(ids: np.ndarray, mask: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads `[B, T]` ids and mask to `[B, length]` (padding is masked out, so results are unchanged)."""
+  pad = length - ids.shape[1]
+  return np.pad(ids, ((0, 0), (pad, 0))), np.pad(mask, ((0, 0), (pad, 0)))
+
+
 def _as_batch(input_ids, attention_mask) -> tuple[jax.Array, jax.Array]:
   ids = jnp.asarray(input_ids, jnp.int32)
   if ids.ndim != 2:
@@ -91,12 +102,15 @@ class Model:
       tokens `[B, T + N]` int32 (prompt followed by the generated tokens).
     """
     ids, mask = _as_batch(input_ids, attention_mask)
+    t_in = ids.shape[1]
+    # Bucketed prompt and cache lengths: one compilation serves many request sizes.
+    ids, mask = (jnp.asarray(a) for a in left_pad(np.asarray(ids), np.asarray(mask), bucket(t_in)))
     b, t = ids.shape
     experts = self.experts_on_device()
-    caches = self.init_caches(b, t + max_new_tokens)
+    caches = self.init_caches(b, bucket(t + max_new_tokens))
     positions = prompt_positions(mask)
     logits, caches = _forward_jit(self.graphdef, self.state, experts, ids, positions, mask, caches, 0)
-    out = [ids]
+    out = [ids[:, t - t_in :]]
     next_pos = positions[:, -1:] + 1
     ones = jnp.ones((b, 1), bool)
     for step in range(max_new_tokens):
