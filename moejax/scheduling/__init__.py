@@ -10,18 +10,27 @@ Modules:
   policies: named policies as combinations of these components.
 """
 
-from moejax.scheduling.balance import (CostModel, init_cost_model,
-                                       split_load_cpu, update_costs)
-from moejax.scheduling.cache import (EVICTION_POLICIES, Admission, CacheState,
-                                     admit, eviction_key, init_cache_state,
-                                     observe, resident_mask, window_score)
-from moejax.scheduling.policies import (ABLATION, POLICIES, PolicySpec,
-                                        get_policy)
-from moejax.scheduling.prefetch import (activation_targets, prefetch_accuracy,
-                                        prefetch_targets)
-from moejax.scheduling.routing import (Plan, buddy_route, cache_prior_logits,
-                                       route, top_score_mask)
-from moejax.scheduling.similarity import (SIMILARITY_SOURCES, coactivation,
-                                          expert_output_similarity,
-                                          expert_weight_cosine, load_similarity,
-                                          router_cosine, save_similarity)
+from moejax.scheduling.balance import CostModel, init_cost_model, split_load_cpu, update_costs
+from moejax.scheduling.cache import (
+  EVICTION_POLICIES,
+  Admission,
+  CacheState,
+  admit,
+  eviction_key,
+  init_cache_state,
+  observe,
+  resident_mask,
+  window_score,
+)
+from moejax.scheduling.policies import ABLATION, POLICIES, PolicySpec, get_policy
+from moejax.scheduling.prefetch import activation_targets, prefetch_accuracy, prefetch_targets
+from moejax.scheduling.routing import Plan, buddy_route, cache_prior_logits, route, top_score_mask
+from moejax.scheduling.similarity import (
+  SIMILARITY_SOURCES,
+  coactivation,
+  expert_output_similarity,
+  expert_weight_cosine,
+  load_similarity,
+  router_cosine,
+  save_similarity,
+)

@@ -16,107 +16,104 @@ import jax
 import jax.numpy as jnp
 
 
-def split_load_cpu(missing_scores: jax.Array, valid: jax.Array | None = None,
-                   *, c_load, c_cpu) -> tuple[jax.Array, jax.Array]:
-    """Splits missed experts between loading and CPU computation.
+def split_load_cpu(
+  missing_scores: jax.Array, valid: jax.Array | None = None, *, c_load, c_cpu
+) -> tuple[jax.Array, jax.Array]:
+  """Splits missed experts between loading and CPU computation.
 
-    The present experts (``valid`` and score not ``-inf``), sorted by score
-    descending (ties: lower index first), are consumed by two pointers: while
-    experts remain, if the accumulated load time is not above the accumulated
-    CPU time, the highest remaining one is loaded (load time += ``c_load``),
-    otherwise the lowest remaining one is computed on the CPU (CPU time +=
-    ``c_cpu``).
+  The present experts (``valid`` and score not ``-inf``), sorted by score
+  descending (ties: lower index first), are consumed by two pointers: while
+  experts remain, if the accumulated load time is not above the accumulated
+  CPU time, the highest remaining one is loaded (load time += ``c_load``),
+  otherwise the lowest remaining one is computed on the CPU (CPU time +=
+  ``c_cpu``).
 
-    Args:
-      missing_scores: ``[M]`` score of each missed expert, in any order
-        (e.g. ``[E]`` with ``-inf`` for experts that are not missed).
-      valid: optional ``[M] bool``, False for absent entries.
-      c_load: seconds to load one expert (may be traced).
-      c_cpu: seconds to compute one expert on the CPU (may be traced).
+  Args:
+    missing_scores: ``[M]`` score of each missed expert, in any order
+      (e.g. ``[E]`` with ``-inf`` for experts that are not missed).
+    valid: optional ``[M] bool``, False for absent entries.
+    c_load: seconds to load one expert (may be traced).
+    c_cpu: seconds to compute one expert on the CPU (may be traced).
 
-    Returns:
-      ``(load, cpu)``, two disjoint ``[M] bool`` masks whose union is the
-      present experts.
-    """
-    present = ~jnp.isneginf(missing_scores)
-    if valid is not None:
-        present = present & valid.astype(bool)
-    size = missing_scores.shape[0]
-    order = jnp.lexsort((jnp.arange(size), -missing_scores, ~present))
-    n = jnp.sum(present)
-    c_load = jnp.asarray(c_load, jnp.float32)
-    c_cpu = jnp.asarray(c_cpu, jnp.float32)
+  Returns:
+    ``(load, cpu)``, two disjoint ``[M] bool`` masks whose union is the
+    present experts.
+  """
+  present = ~jnp.isneginf(missing_scores)
+  if valid is not None:
+    present = present & valid.astype(bool)
+  size = missing_scores.shape[0]
+  order = jnp.lexsort((jnp.arange(size), -missing_scores, ~present))
+  n = jnp.sum(present)
+  c_load = jnp.asarray(c_load, jnp.float32)
+  c_cpu = jnp.asarray(c_cpu, jnp.float32)
 
-    # Loads always take the highest remaining expert and CPU computations the
-    # lowest, so the split is fixed by the number of loads.
-    def body(i, carry):
-        n_load, t_load, t_cpu = carry
-        active = i < n
-        take_load = active & (t_load <= t_cpu)
-        take_cpu = active & (t_load > t_cpu)
-        return (n_load + take_load, t_load + jnp.where(take_load, c_load, 0.0),
-                t_cpu + jnp.where(take_cpu, c_cpu, 0.0))
+  # Loads always take the highest remaining expert and CPU computations the
+  # lowest, so the split is fixed by the number of loads.
+  def body(i, carry):
+    n_load, t_load, t_cpu = carry
+    active = i < n
+    take_load = active & (t_load <= t_cpu)
+    take_cpu = active & (t_load > t_cpu)
+    return (n_load + take_load, t_load + jnp.where(take_load, c_load, 0.0), t_cpu + jnp.where(take_cpu, c_cpu, 0.0))
 
-    n_load, _, _ = jax.lax.fori_loop(
-        0, size, body, (jnp.int32(0), jnp.float32(0), jnp.float32(0)))
-    rank = jnp.zeros(size, jnp.int32).at[order].set(jnp.arange(size))
-    load = present & (rank < n_load)
-    return load, present & ~load
+  n_load, _, _ = jax.lax.fori_loop(0, size, body, (jnp.int32(0), jnp.float32(0), jnp.float32(0)))
+  rank = jnp.zeros(size, jnp.int32).at[order].set(jnp.arange(size))
+  load = present & (rank < n_load)
+  return load, present & ~load
 
 
 @flax.struct.dataclass
 class CostModel:
-    """Running mean cost of one expert load and one CPU expert computation.
+  """Running mean cost of one expert load and one CPU expert computation.
 
-    Attributes:
-      load_s: ``float32`` mean seconds to copy one expert to the device.
-      n_load: ``float32`` loads measured so far (0: ``load_s`` is a prior).
-      cpu_s: ``float32`` mean seconds to compute one expert on the CPU.
-      n_cpu: ``float32`` CPU computations measured so far.
-    """
+  Attributes:
+    load_s: ``float32`` mean seconds to copy one expert to the device.
+    n_load: ``float32`` loads measured so far (0: ``load_s`` is a prior).
+    cpu_s: ``float32`` mean seconds to compute one expert on the CPU.
+    n_cpu: ``float32`` CPU computations measured so far.
+  """
 
-    load_s: jax.Array
-    n_load: jax.Array
-    cpu_s: jax.Array
-    n_cpu: jax.Array
+  load_s: jax.Array
+  n_load: jax.Array
+  cpu_s: jax.Array
+  n_cpu: jax.Array
 
 
 def init_cost_model(*, load_s: float = 1e-3, cpu_s: float = 1e-3) -> CostModel:
-    """A :class:`CostModel` holding prior costs until the first measurement.
+  """A :class:`CostModel` holding prior costs until the first measurement.
 
-    Args:
-      load_s: prior seconds per expert load.
-      cpu_s: prior seconds per CPU expert computation.
-    """
-    return CostModel(load_s=jnp.float32(load_s), n_load=jnp.float32(0),
-                     cpu_s=jnp.float32(cpu_s), n_cpu=jnp.float32(0))
+  Args:
+    load_s: prior seconds per expert load.
+    cpu_s: prior seconds per CPU expert computation.
+  """
+  return CostModel(load_s=jnp.float32(load_s), n_load=jnp.float32(0), cpu_s=jnp.float32(cpu_s), n_cpu=jnp.float32(0))
 
 
 def _running_mean(mean, count, total, n):
-    n = jnp.asarray(n, jnp.float32)
-    new_count = count + n
-    new_mean = (mean * count + total) / jnp.maximum(new_count, 1)
-    return jnp.where(n > 0, new_mean, mean).astype(jnp.float32), new_count
+  n = jnp.asarray(n, jnp.float32)
+  new_count = count + n
+  new_mean = (mean * count + total) / jnp.maximum(new_count, 1)
+  return jnp.where(n > 0, new_mean, mean).astype(jnp.float32), new_count
 
 
-def update_costs(cost: CostModel, *, load_s=None, n_load=0, cpu_s=None,
-                 n_cpu=0) -> CostModel:
-    """Folds measured times into the running means.
+def update_costs(cost: CostModel, *, load_s=None, n_load=0, cpu_s=None, n_cpu=0) -> CostModel:
+  """Folds measured times into the running means.
 
-    Args:
-      cost: the current :class:`CostModel`.
-      load_s: total seconds measured for ``n_load`` expert loads, or None.
-      n_load: number of loads ``load_s`` covers (0 leaves the mean as is).
-      cpu_s: total seconds measured for ``n_cpu`` CPU expert computations.
-      n_cpu: number of CPU computations ``cpu_s`` covers.
+  Args:
+    cost: the current :class:`CostModel`.
+    load_s: total seconds measured for ``n_load`` expert loads, or None.
+    n_load: number of loads ``load_s`` covers (0 leaves the mean as is).
+    cpu_s: total seconds measured for ``n_cpu`` CPU expert computations.
+    n_cpu: number of CPU computations ``cpu_s`` covers.
 
-    Returns:
-      The updated :class:`CostModel`; the first measurement replaces the prior.
-    """
-    if load_s is not None:
-        mean, count = _running_mean(cost.load_s, cost.n_load, load_s, n_load)
-        cost = cost.replace(load_s=mean, n_load=count)
-    if cpu_s is not None:
-        mean, count = _running_mean(cost.cpu_s, cost.n_cpu, cpu_s, n_cpu)
-        cost = cost.replace(cpu_s=mean, n_cpu=count)
-    return cost
+  Returns:
+    The updated :class:`CostModel`; the first measurement replaces the prior.
+  """
+  if load_s is not None:
+    mean, count = _running_mean(cost.load_s, cost.n_load, load_s, n_load)
+    cost = cost.replace(load_s=mean, n_load=count)
+  if cpu_s is not None:
+    mean, count = _running_mean(cost.cpu_s, cost.n_cpu, cpu_s, n_cpu)
+    cost = cost.replace(cpu_s=mean, n_cpu=count)
+  return cost

@@ -52,315 +52,314 @@ SUBSTITUTE_WEIGHTS = ("own", "replaced")
 
 
 class Plan(NamedTuple):
-    """What one MoE layer computes for a batch of ``T`` tokens.
+  """What one MoE layer computes for a batch of ``T`` tokens.
 
-    Attributes:
-      experts: ``[T, k] int32`` expert ids to compute per token, after
-        substitution.
-      gate_scores: ``[T, k] float32`` score each computed expert contributes
-        with, *before* the model's own top-k normalisation (the caller
-        normalises).
-      substituted: ``[T, k] bool`` the position holds a substitute.
-      replaced: ``[T, k] int32`` the originally selected expert of the
-        position (equal to ``experts`` where not substituted).
-      top_score: ``[T, k] bool`` the position holds a top-score expert.
-      missing: ``[E] bool`` experts computed for some valid token that are not
-        resident: they must be loaded or computed on the CPU.
-      needed: ``[E] bool`` every expert computed for some valid token.
+  Attributes:
+    experts: ``[T, k] int32`` expert ids to compute per token, after
+      substitution.
+    gate_scores: ``[T, k] float32`` score each computed expert contributes
+      with, *before* the model's own top-k normalisation (the caller
+      normalises).
+    substituted: ``[T, k] bool`` the position holds a substitute.
+    replaced: ``[T, k] int32`` the originally selected expert of the
+      position (equal to ``experts`` where not substituted).
+    top_score: ``[T, k] bool`` the position holds a top-score expert.
+    missing: ``[E] bool`` experts computed for some valid token that are not
+      resident: they must be loaded or computed on the CPU.
+    needed: ``[E] bool`` every expert computed for some valid token.
 
-    Rows of invalid (padding) tokens hold their selection unchanged, with
-    ``substituted`` and ``top_score`` False; they count towards neither
-    ``missing`` nor ``needed``.
-    """
+  Rows of invalid (padding) tokens hold their selection unchanged, with
+  ``substituted`` and ``top_score`` False; they count towards neither
+  ``missing`` nor ``needed``.
+  """
 
-    experts: jax.Array
-    gate_scores: jax.Array
-    substituted: jax.Array
-    replaced: jax.Array
-    top_score: jax.Array
-    missing: jax.Array
-    needed: jax.Array
+  experts: jax.Array
+  gate_scores: jax.Array
+  substituted: jax.Array
+  replaced: jax.Array
+  top_score: jax.Array
+  missing: jax.Array
+  needed: jax.Array
 
 
 def _as_alpha(alpha) -> jax.Array:
-    """Checks a Python ``alpha`` and returns it as a float32 array.
+  """Checks a Python ``alpha`` and returns it as a float32 array.
 
-    Thresholds are computed in float32 whether ``alpha`` is a Python number
-    or traced, so ``route`` gives the same plan with and without ``jit``.
-    """
-    if isinstance(alpha, numbers.Real) and not alpha >= 0:
-        raise ValueError(
-            f"alpha must be >= 0 (got {alpha}); pass alpha=0 to compute the "
-            "model's routing exactly, or a positive threshold such as 0.3 to "
-            "allow substitution.")
-    return jnp.asarray(alpha, jnp.float32)
+  Thresholds are computed in float32 whether ``alpha`` is a Python number
+  or traced, so ``route`` gives the same plan with and without ``jit``.
+  """
+  if isinstance(alpha, numbers.Real) and not alpha >= 0:
+    raise ValueError(
+      f"alpha must be >= 0 (got {alpha}); pass alpha=0 to compute the "
+      "model's routing exactly, or a positive threshold such as 0.3 to "
+      "allow substitution."
+    )
+  return jnp.asarray(alpha, jnp.float32)
 
 
-def _default_selection(scores: jax.Array, k: int,
-                       selected: jax.Array | None) -> jax.Array:
-    """Returns ``selected`` ``[T, k] int32``, by default top-k of ``scores``."""
-    num_experts = scores.shape[-1]
-    if not 1 <= k <= num_experts:
-        raise ValueError(
-            f"k must be in [1, num_experts={num_experts}] (got {k}); pass the "
-            "model's experts-per-token.")
-    if selected is None:
-        return jax.lax.top_k(scores, k)[1].astype(jnp.int32)
-    if selected.shape != (scores.shape[0], k):
-        raise ValueError(
-            f"selected has shape {selected.shape}, expected (T, k) = "
-            f"{(scores.shape[0], k)}; pass one row of k expert ids per token.")
-    return selected.astype(jnp.int32)
+def _default_selection(scores: jax.Array, k: int, selected: jax.Array | None) -> jax.Array:
+  """Returns ``selected`` ``[T, k] int32``, by default top-k of ``scores``."""
+  num_experts = scores.shape[-1]
+  if not 1 <= k <= num_experts:
+    raise ValueError(f"k must be in [1, num_experts={num_experts}] (got {k}); pass the model's experts-per-token.")
+  if selected is None:
+    return jax.lax.top_k(scores, k)[1].astype(jnp.int32)
+  if selected.shape != (scores.shape[0], k):
+    raise ValueError(
+      f"selected has shape {selected.shape}, expected (T, k) = "
+      f"{(scores.shape[0], k)}; pass one row of k expert ids per token."
+    )
+  return selected.astype(jnp.int32)
 
 
 def _valid_mask(scores: jax.Array, valid: jax.Array | None) -> jax.Array:
-    if valid is None:
-        return jnp.ones(scores.shape[:1], bool)
-    return valid.astype(bool)
+  if valid is None:
+    return jnp.ones(scores.shape[:1], bool)
+  return valid.astype(bool)
 
 
 def _selection_mask(selected: jax.Array, num_experts: int) -> jax.Array:
-    """``[T, k]`` expert ids -> ``[T, E]`` membership mask."""
-    rows = jnp.arange(selected.shape[0])[:, None]
-    return jnp.zeros((selected.shape[0], num_experts), bool).at[
-        rows, selected].set(True)
+  """``[T, k]`` expert ids -> ``[T, E]`` membership mask."""
+  rows = jnp.arange(selected.shape[0])[:, None]
+  return jnp.zeros((selected.shape[0], num_experts), bool).at[rows, selected].set(True)
 
 
 def _top_scores(scores: jax.Array, selected: jax.Array, alpha):
-    """Classifies each token's experts.
+  """Classifies each token's experts.
 
-    Returns:
-      ``(selection, runner_up, top)``: ``[T, E] bool`` selected experts,
-      ``[T, 1]`` ``S_(k+1)`` (the best unselected score, -inf if none) and
-      ``[T, E] bool`` top-score experts, ``S > (1 + alpha) * S_(k+1)``.
-    """
-    selection = _selection_mask(selected, scores.shape[-1])
-    runner_up = jnp.max(jnp.where(selection, -jnp.inf, scores), axis=-1,
-                        keepdims=True)
-    return selection, runner_up, selection & (scores > (1 + alpha) * runner_up)
+  Returns:
+    ``(selection, runner_up, top)``: ``[T, E] bool`` selected experts,
+    ``[T, 1]`` ``S_(k+1)`` (the best unselected score, -inf if none) and
+    ``[T, E] bool`` top-score experts, ``S > (1 + alpha) * S_(k+1)``.
+  """
+  selection = _selection_mask(selected, scores.shape[-1])
+  runner_up = jnp.max(jnp.where(selection, -jnp.inf, scores), axis=-1, keepdims=True)
+  return selection, runner_up, selection & (scores > (1 + alpha) * runner_up)
 
 
-def top_score_mask(scores: jax.Array, *, k: int, alpha,
-                   selected: jax.Array | None = None,
-                   valid: jax.Array | None = None) -> jax.Array:
-    """Top-score experts of each token (SPEC section 2).
+def top_score_mask(
+  scores: jax.Array, *, k: int, alpha, selected: jax.Array | None = None, valid: jax.Array | None = None
+) -> jax.Array:
+  """Top-score experts of each token (SPEC section 2).
 
-    Args:
-      scores: ``[T, E]`` gate probabilities.
-      k: experts per token (static).
-      alpha: substitution threshold ``>= 0`` (may be traced).
-      selected: ``[T, k] int32`` the model's selection; default top-k.
-      valid: ``[T] bool``; rows of invalid tokens are all False.
+  Args:
+    scores: ``[T, E]`` gate probabilities.
+    k: experts per token (static).
+    alpha: substitution threshold ``>= 0`` (may be traced).
+    selected: ``[T, k] int32`` the model's selection; default top-k.
+    valid: ``[T] bool``; rows of invalid tokens are all False.
 
-    Returns:
-      ``[T, E] bool``: selected with ``S > (1 + alpha) * S_(k+1)``. With
-      ``alpha = 0`` that is the selected experts strictly above the best
-      unselected one (all of plain top-k, barring ties).
-    """
-    alpha = _as_alpha(alpha)
-    scores = scores.astype(jnp.float32)
-    selected = _default_selection(scores, k, selected)
-    _, _, top = _top_scores(scores, selected, alpha)
-    return top & _valid_mask(scores, valid)[:, None]
+  Returns:
+    ``[T, E] bool``: selected with ``S > (1 + alpha) * S_(k+1)``. With
+    ``alpha = 0`` that is the selected experts strictly above the best
+    unselected one (all of plain top-k, barring ties).
+  """
+  alpha = _as_alpha(alpha)
+  scores = scores.astype(jnp.float32)
+  selected = _default_selection(scores, k, selected)
+  _, _, top = _top_scores(scores, selected, alpha)
+  return top & _valid_mask(scores, valid)[:, None]
 
 
 def _substitute_token(scores, selected, to_replace, eligible, ranking):
-    """Greedy one-for-one substitution for one token.
+  """Greedy one-for-one substitution for one token.
 
-    Args:
-      scores: ``[E]`` the token's scores.
-      selected: ``[k] int32`` the token's selection.
-      to_replace: ``[k] bool`` positions to substitute if possible.
-      eligible: ``[k, E] bool`` candidates allowed for each position.
-      ranking: ``[k, E] int32`` per position, expert ids best candidate first.
+  Args:
+    scores: ``[E]`` the token's scores.
+    selected: ``[k] int32`` the token's selection.
+    to_replace: ``[k] bool`` positions to substitute if possible.
+    eligible: ``[k, E] bool`` candidates allowed for each position.
+    ranking: ``[k, E] int32`` per position, expert ids best candidate first.
 
-    Returns:
-      ``[k] int32`` experts after substitution. Positions are processed in
-      descending score order; each takes its best eligible candidate not used
-      yet by the token (selected experts count as used).
-    """
-    num_experts = scores.shape[0]
-    order = jnp.argsort(-scores[selected], stable=True)
-    used = jnp.zeros(num_experts, bool).at[selected].set(True)
+  Returns:
+    ``[k] int32`` experts after substitution. Positions are processed in
+    descending score order; each takes its best eligible candidate not used
+    yet by the token (selected experts count as used).
+  """
+  num_experts = scores.shape[0]
+  order = jnp.argsort(-scores[selected], stable=True)
+  used = jnp.zeros(num_experts, bool).at[selected].set(True)
 
-    def body(i, carry):
-        experts, used = carry
-        pos = order[i]
-        perm = ranking[pos]
-        ok = (eligible[pos] & ~used)[perm]
-        choice = perm[jnp.argmax(ok)]
-        found = to_replace[pos] & ok.any()
-        experts = experts.at[pos].set(jnp.where(found, choice, experts[pos]))
-        used = used.at[choice].set(used[choice] | found)
-        return experts, used
+  def body(i, carry):
+    experts, used = carry
+    pos = order[i]
+    perm = ranking[pos]
+    ok = (eligible[pos] & ~used)[perm]
+    choice = perm[jnp.argmax(ok)]
+    found = to_replace[pos] & ok.any()
+    experts = experts.at[pos].set(jnp.where(found, choice, experts[pos]))
+    used = used.at[choice].set(used[choice] | found)
+    return experts, used
 
-    experts, _ = jax.lax.fori_loop(0, selected.shape[0], body, (selected, used))
-    return experts
+  experts, _ = jax.lax.fori_loop(0, selected.shape[0], body, (selected, used))
+  return experts
 
 
-def _candidate_ranking(scores: jax.Array, selected: jax.Array,
-                       similarity: jax.Array | None) -> jax.Array:
-    """Per position, expert ids best candidate first, ``[T, k, E] int32``.
+def _candidate_ranking(scores: jax.Array, selected: jax.Array, similarity: jax.Array | None) -> jax.Array:
+  """Per position, expert ids best candidate first, ``[T, k, E] int32``.
 
-    By score: descending score, then ascending id. By similarity: descending
-    similarity to the position's selected expert, then descending score, then
-    ascending id.
-    """
-    shape = (*selected.shape, scores.shape[-1])
-    ids = jnp.broadcast_to(jnp.arange(shape[-1]), shape)
-    if similarity is None:
-        ranking = jnp.lexsort((ids[:, 0], -scores), axis=-1)[:, None, :]
-        return jnp.broadcast_to(ranking, shape).astype(jnp.int32)
-    by_score = jnp.broadcast_to(-scores[:, None, :], shape)
-    keys = (ids, by_score, -similarity[selected])
-    return jnp.lexsort(keys, axis=-1).astype(jnp.int32)
+  By score: descending score, then ascending id. By similarity: descending
+  similarity to the position's selected expert, then descending score, then
+  ascending id.
+  """
+  shape = (*selected.shape, scores.shape[-1])
+  ids = jnp.broadcast_to(jnp.arange(shape[-1]), shape)
+  if similarity is None:
+    ranking = jnp.lexsort((ids[:, 0], -scores), axis=-1)[:, None, :]
+    return jnp.broadcast_to(ranking, shape).astype(jnp.int32)
+  by_score = jnp.broadcast_to(-scores[:, None, :], shape)
+  keys = (ids, by_score, -similarity[selected])
+  return jnp.lexsort(keys, axis=-1).astype(jnp.int32)
 
 
 def _check_substitute_weight(substitute_weight: str) -> None:
-    if substitute_weight not in SUBSTITUTE_WEIGHTS:
-        raise ValueError(
-            f"substitute_weight must be one of {SUBSTITUTE_WEIGHTS} "
-            f"(got {substitute_weight!r}).")
+  if substitute_weight not in SUBSTITUTE_WEIGHTS:
+    raise ValueError(f"substitute_weight must be one of {SUBSTITUTE_WEIGHTS} (got {substitute_weight!r}).")
 
 
-def _make_plan(scores, selected, experts, top, valid, resident,
-               substitute_weight) -> Plan:
-    """Assembles the :class:`Plan` from the per-token experts ``[T, k]``."""
-    substituted = experts != selected
-    weight_of = selected if substitute_weight == "replaced" else experts
-    gate_scores = jnp.take_along_axis(scores, weight_of, axis=-1)
-    needed = jnp.any(
-        _selection_mask(experts, scores.shape[-1]) & valid[:, None], axis=0)
-    return Plan(
-        experts=experts,
-        gate_scores=gate_scores,
-        substituted=substituted,
-        replaced=selected,
-        top_score=top & valid[:, None],
-        missing=needed & ~resident,
-        needed=needed)
+def _make_plan(scores, selected, experts, top, valid, resident, substitute_weight) -> Plan:
+  """Assembles the :class:`Plan` from the per-token experts ``[T, k]``."""
+  substituted = experts != selected
+  weight_of = selected if substitute_weight == "replaced" else experts
+  gate_scores = jnp.take_along_axis(scores, weight_of, axis=-1)
+  needed = jnp.any(_selection_mask(experts, scores.shape[-1]) & valid[:, None], axis=0)
+  return Plan(
+    experts=experts,
+    gate_scores=gate_scores,
+    substituted=substituted,
+    replaced=selected,
+    top_score=top & valid[:, None],
+    missing=needed & ~resident,
+    needed=needed,
+  )
 
 
-def route(scores: jax.Array, resident: jax.Array, *, k: int, alpha,
-          selected: jax.Array | None = None, valid: jax.Array | None = None,
-          similarity: jax.Array | None = None,
-          substitute_weight: str = "own") -> Plan:
-    """The expert-cache router (SPEC section 3); rules in the module docstring.
+def route(
+  scores: jax.Array,
+  resident: jax.Array,
+  *,
+  k: int,
+  alpha,
+  selected: jax.Array | None = None,
+  valid: jax.Array | None = None,
+  similarity: jax.Array | None = None,
+  substitute_weight: str = "own",
+) -> Plan:
+  """The expert-cache router (SPEC section 3); rules in the module docstring.
 
-    Args:
-      scores: ``[T, E]`` gate probabilities (softmax over all routed experts,
-        before top-k renormalisation).
-      resident: ``[E] bool`` experts resident on the device.
-      k: experts per token (static).
-      alpha: substitution threshold ``>= 0``; may be traced. ``0`` computes
-        ``selected`` exactly.
-      selected: ``[T, k] int32`` the model's own selection (grouped or biased
-        routers); default top-k of ``scores``.
-      valid: ``[T] bool``, False for padding tokens; default all valid.
-      similarity: optional ``[E, E]``; ``similarity[e, c]`` ranks candidate
-        ``c`` as a substitute for ``e`` (higher is better) instead of score.
-      substitute_weight: ``"own"`` (a substitute contributes its own score) or
-        ``"replaced"`` (the score of the expert it replaces).
+  Args:
+    scores: ``[T, E]`` gate probabilities (softmax over all routed experts,
+      before top-k renormalisation).
+    resident: ``[E] bool`` experts resident on the device.
+    k: experts per token (static).
+    alpha: substitution threshold ``>= 0``; may be traced. ``0`` computes
+      ``selected`` exactly.
+    selected: ``[T, k] int32`` the model's own selection (grouped or biased
+      routers); default top-k of ``scores``.
+    valid: ``[T] bool``, False for padding tokens; default all valid.
+    similarity: optional ``[E, E]``; ``similarity[e, c]`` ranks candidate
+      ``c`` as a substitute for ``e`` (higher is better) instead of score.
+    substitute_weight: ``"own"`` (a substitute contributes its own score) or
+      ``"replaced"`` (the score of the expert it replaces).
 
-    Returns:
-      A :class:`Plan`.
-    """
-    alpha = _as_alpha(alpha)
-    _check_substitute_weight(substitute_weight)
-    scores = scores.astype(jnp.float32)
-    selected = _default_selection(scores, k, selected)
-    valid = _valid_mask(scores, valid)
-    resident = resident.astype(bool)
+  Returns:
+    A :class:`Plan`.
+  """
+  alpha = _as_alpha(alpha)
+  _check_substitute_weight(substitute_weight)
+  scores = scores.astype(jnp.float32)
+  selected = _default_selection(scores, k, selected)
+  valid = _valid_mask(scores, valid)
+  resident = resident.astype(bool)
 
-    selection, runner_up, top_mask = _top_scores(scores, selected, alpha)
-    batch_top = jnp.any(top_mask & valid[:, None], axis=0)
-    available = resident | batch_top
+  selection, runner_up, top_mask = _top_scores(scores, selected, alpha)
+  batch_top = jnp.any(top_mask & valid[:, None], axis=0)
+  available = resident | batch_top
 
-    top = jnp.take_along_axis(top_mask, selected, axis=-1)
-    to_replace = ~top & ~available[selected] & valid[:, None]
-    in_window = ((scores >= (1 - alpha) * runner_up) & (scores <= runner_up)
-                 & jnp.isfinite(runner_up))
-    candidates = ~selection & in_window & available
-    selected_scores = jnp.take_along_axis(scores, selected, axis=-1)
-    eligible = (candidates[:, None, :]
-                & (scores[:, None, :] < selected_scores[..., None]))
-    ranking = _candidate_ranking(scores, selected, similarity)
-    experts = jax.vmap(_substitute_token)(scores, selected, to_replace,
-                                          eligible, ranking)
-    return _make_plan(scores, selected, experts, top, valid, resident,
-                      substitute_weight)
-
-
-def buddy_route(scores: jax.Array, resident: jax.Array, *, k: int,
-                similarity: jax.Array, selected: jax.Array | None = None,
-                valid: jax.Array | None = None,
-                substitute_weight: str = "own", alpha=None) -> Plan:
-    """BuddyMoE-style routing: replace every missing expert by its best buddy.
-
-    Per valid token, each selected expert that is not resident is replaced
-    (in descending score order) by the resident expert most similar to it
-    that the token does not already use, whatever its score; without such an
-    expert it stays missing. With ``alpha`` given, top-score experts
-    (``S > (1 + alpha) * S_(k+1)``) are never replaced, so that ``alpha = 0``
-    computes the selection exactly, as for every moejax policy.
-
-    Args:
-      scores: ``[T, E]`` gate probabilities.
-      resident: ``[E] bool`` experts resident on the device.
-      k: experts per token (static).
-      similarity: ``[E, E]``; ``similarity[e, c]`` ranks ``c`` as a buddy of
-        ``e`` (e.g. :func:`moejax.scheduling.similarity.coactivation`).
-      selected: ``[T, k] int32``; default top-k of ``scores``.
-      valid: ``[T] bool``, False for padding tokens.
-      substitute_weight: as in :func:`route`.
-      alpha: optional threshold protecting top-score experts (None: classic
-        BuddyMoE, any missing expert may be replaced); may be traced.
-
-    Returns:
-      A :class:`Plan`; ``top_score`` marks the unsubstituted positions whose
-      expert scores strictly above ``(1 + alpha) * S_(k+1)`` (``alpha = 0``
-      when None).
-    """
-    _check_substitute_weight(substitute_weight)
-    scores = scores.astype(jnp.float32)
-    selected = _default_selection(scores, k, selected)
-    valid = _valid_mask(scores, valid)
-    num_experts = scores.shape[-1]
-    resident = resident.astype(bool)
-
-    _, _, top_mask = _top_scores(scores, selected,
-                                 0.0 if alpha is None else _as_alpha(alpha))
-    top = jnp.take_along_axis(top_mask, selected, axis=-1)
-    to_replace = ~resident[selected] & valid[:, None]
-    if alpha is not None:
-        to_replace = to_replace & ~top
-    eligible = jnp.broadcast_to(resident, (*selected.shape, num_experts))
-    ranking = _candidate_ranking(scores, selected, similarity)
-    experts = jax.vmap(_substitute_token)(scores, selected, to_replace,
-                                          eligible, ranking)
-    return _make_plan(scores, selected, experts, top & (experts == selected),
-                      valid, resident, substitute_weight)
+  top = jnp.take_along_axis(top_mask, selected, axis=-1)
+  to_replace = ~top & ~available[selected] & valid[:, None]
+  in_window = (scores >= (1 - alpha) * runner_up) & (scores <= runner_up) & jnp.isfinite(runner_up)
+  candidates = ~selection & in_window & available
+  selected_scores = jnp.take_along_axis(scores, selected, axis=-1)
+  eligible = candidates[:, None, :] & (scores[:, None, :] < selected_scores[..., None])
+  ranking = _candidate_ranking(scores, selected, similarity)
+  experts = jax.vmap(_substitute_token)(scores, selected, to_replace, eligible, ranking)
+  return _make_plan(scores, selected, experts, top, valid, resident, substitute_weight)
 
 
-def cache_prior_logits(logits: jax.Array, resident: jax.Array, *,
-                       strength) -> jax.Array:
-    """Biases router logits toward resident experts before top-k.
+def buddy_route(
+  scores: jax.Array,
+  resident: jax.Array,
+  *,
+  k: int,
+  similarity: jax.Array,
+  selected: jax.Array | None = None,
+  valid: jax.Array | None = None,
+  substitute_weight: str = "own",
+  alpha=None,
+) -> Plan:
+  """BuddyMoE-style routing: replace every missing expert by its best buddy.
 
-    Mixture of Cache-Conditional Experts (Skliar et al., 2024, arXiv
-    2412.00099) makes routing cache-aware by adding a constant to the logits
-    of experts already in the cache, so that among experts of similar
-    importance the cached ones win top-k. The caller takes top-k of the
-    biased logits to select experts and, as in that paper, keeps computing
-    the gate weights of the selected experts from the unbiased logits.
+  Per valid token, each selected expert that is not resident is replaced
+  (in descending score order) by the resident expert most similar to it
+  that the token does not already use, whatever its score; without such an
+  expert it stays missing. With ``alpha`` given, top-score experts
+  (``S > (1 + alpha) * S_(k+1)``) are never replaced, so that ``alpha = 0``
+  computes the selection exactly, as for every moejax policy.
 
-    Args:
-      logits: ``[T, E]`` router logits (before softmax).
-      resident: ``[E] bool`` experts resident on the device.
-      strength: bias added to resident experts, in logit units (``0`` leaves
-        routing unchanged; may be traced).
+  Args:
+    scores: ``[T, E]`` gate probabilities.
+    resident: ``[E] bool`` experts resident on the device.
+    k: experts per token (static).
+    similarity: ``[E, E]``; ``similarity[e, c]`` ranks ``c`` as a buddy of
+      ``e`` (e.g. :func:`moejax.scheduling.similarity.coactivation`).
+    selected: ``[T, k] int32``; default top-k of ``scores``.
+    valid: ``[T] bool``, False for padding tokens.
+    substitute_weight: as in :func:`route`.
+    alpha: optional threshold protecting top-score experts (None: classic
+      BuddyMoE, any missing expert may be replaced); may be traced.
 
-    Returns:
-      ``[T, E]`` biased logits, same dtype as ``logits``.
-    """
-    bias = jnp.where(resident.astype(bool), strength, 0).astype(logits.dtype)
-    return logits + bias
+  Returns:
+    A :class:`Plan`; ``top_score`` marks the unsubstituted positions whose
+    expert scores strictly above ``(1 + alpha) * S_(k+1)`` (``alpha = 0``
+    when None).
+  """
+  _check_substitute_weight(substitute_weight)
+  scores = scores.astype(jnp.float32)
+  selected = _default_selection(scores, k, selected)
+  valid = _valid_mask(scores, valid)
+  num_experts = scores.shape[-1]
+  resident = resident.astype(bool)
+
+  _, _, top_mask = _top_scores(scores, selected, 0.0 if alpha is None else _as_alpha(alpha))
+  top = jnp.take_along_axis(top_mask, selected, axis=-1)
+  to_replace = ~resident[selected] & valid[:, None]
+  if alpha is not None:
+    to_replace = to_replace & ~top
+  eligible = jnp.broadcast_to(resident, (*selected.shape, num_experts))
+  ranking = _candidate_ranking(scores, selected, similarity)
+  experts = jax.vmap(_substitute_token)(scores, selected, to_replace, eligible, ranking)
+  return _make_plan(scores, selected, experts, top & (experts == selected), valid, resident, substitute_weight)
+
+
+def cache_prior_logits(logits: jax.Array, resident: jax.Array, *, strength) -> jax.Array:
+  """Biases router logits toward resident experts before top-k.
+
+  Mixture of Cache-Conditional Experts (Skliar et al., 2024, arXiv
+  2412.00099) makes routing cache-aware by adding a constant to the logits
+  of experts already in the cache, so that among experts of similar
+  importance the cached ones win top-k. The caller takes top-k of the
+  biased logits to select experts and, as in that paper, keeps computing
+  the gate weights of the selected experts from the unbiased logits.
+
+  Args:
+    logits: ``[T, E]`` router logits (before softmax).
+    resident: ``[E] bool`` experts resident on the device.
+    strength: bias added to resident experts, in logit units (``0`` leaves
+      routing unchanged; may be traced).
+
+  Returns:
+    ``[T, E]`` biased logits, same dtype as ``logits``.
+  """
+  bias = jnp.where(resident.astype(bool), strength, 0).astype(logits.dtype)
+  return logits + bias
