@@ -45,6 +45,7 @@ LAYOUTS: dict[str, Layout] = {
     "deepseek_v2": Layout(shared="shared_experts"),
     "deepseek_v3": Layout(shared="shared_experts"),
     "deepseek": Layout(shared="shared_experts"),
+    "xverse": Layout(router="router", shared="shared_experts"),
 }
 
 

@@ -24,6 +24,7 @@ SUPPORTED_MODEL_TYPES = (
     "deepseek",
     "xverse",
 )
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 
 
 class UnsupportedModelError(ValueError):
@@ -57,6 +58,7 @@ class MoEConfig:
   sliding_windows: tuple[int | None, ...] = ()  # per layer; None = full attention
   rope_theta: float = 10000.0
   rope_scaling: tuple[tuple[str, Any], ...] | None = None  # sorted items of the HF rope dict
+  max_position_embeddings: int = 4096  # "dynamic" rope rescales beyond this length
   rope_interleave: bool = False  # DeepSeek MLA: rope on interleaved (even, odd) pairs
   # Multi-head latent attention (DeepSeek-V2/V3).
   q_lora_rank: int | None = None
@@ -82,6 +84,7 @@ class MoEConfig:
   norm_topk_prob: bool = False
   routed_scaling_factor: float = 1.0
   router_bias: bool = False  # DeepSeek-V3 e_score_correction_bias (selection only)
+  router_fp32: bool = False  # DeepSeek-V2/V3: router weight and logits stay float32 in any model dtype
 
   def __post_init__(self):
     if len(self.moe_layers) != self.num_layers:
@@ -91,6 +94,19 @@ class MoEConfig:
     if len(self.sliding_windows) != self.num_layers:
       raise ValueError(
           f"sliding_windows has {len(self.sliding_windows)} entries, expected num_layers={self.num_layers}"
+      )
+    if self.topk_method in ("group_limited_greedy", "noaux_tc") and self.num_experts:
+      if self.num_experts % self.n_group:
+        raise ValueError(f"n_group={self.n_group} does not divide num_experts={self.num_experts}.")
+      if self.topk_group * (self.num_experts // self.n_group) < self.num_experts_per_tok:
+        raise ValueError(
+            f"topk_group={self.topk_group} of n_group={self.n_group} groups leave fewer than "
+            f"num_experts_per_tok={self.num_experts_per_tok} experts to choose from."
+        )
+    rope_type = (self.rope_scaling_dict or {}).get("rope_type", "default")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+      raise UnsupportedModelError(
+          f"Unsupported rope_type {rope_type!r}; moejax supports: {', '.join(SUPPORTED_ROPE_TYPES)}."
       )
 
   @property
@@ -139,25 +155,26 @@ def _rope(d: Mapping[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...] | No
   """Returns (rope_theta, rope scaling items) from either config convention.
 
   transformers >= 5 writes `rope_parameters` (holding `rope_theta` and
-  `rope_type`); older hub configs write `rope_theta` and `rope_scaling`.
+  `rope_type`); older hub configs write `rope_theta` and `rope_scaling`
+  (`type` for `rope_type`). As transformers does, yarn gets
+  `original_max_position_embeddings` (a top-level value wins, else
+  `max_position_embeddings`) and, without a `factor`, the ratio
+  `max_position_embeddings / original_max_position_embeddings`.
   """
-  params = d.get("rope_parameters")
-  if params:
-    params = dict(params)
-    theta = float(params.pop("rope_theta", d.get("rope_theta", 10000.0)))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    scaling = None if rope_type == "default" else params
-  else:
-    theta = float(d.get("rope_theta", 10000.0))
-    scaling = d.get("rope_scaling")
-    if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
-      scaling = None
-  if scaling:
-    scaling = dict(scaling)
-    scaling.setdefault("rope_type", scaling.get("type"))
-    scaling.pop("type", None)
-    scaling = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in scaling.items()))
-  return theta, scaling or None
+  params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+  theta = float(params.pop("rope_theta", None) or d.get("rope_theta") or 10000.0)
+  legacy_type = params.pop("type", None)
+  rope_type = params.pop("rope_type", None) or legacy_type or "default"
+  if rope_type == "default":
+    return theta, None
+  params["rope_type"] = rope_type
+  if rope_type == "yarn":
+    max_pos = d.get("max_position_embeddings")
+    orig = d.get("original_max_position_embeddings") or params.get("original_max_position_embeddings") or max_pos
+    params["original_max_position_embeddings"] = orig
+    if params.get("factor") is None:
+      params["factor"] = max_pos / orig
+  return theta, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in params.items()))
 
 
 def _windows(d: Mapping[str, Any], num_layers: int) -> tuple[int | None, ...]:
@@ -171,12 +188,13 @@ def _windows(d: Mapping[str, Any], num_layers: int) -> tuple[int | None, ...]:
   return tuple(window or None for _ in range(num_layers))
 
 
-def _common(d: Mapping[str, Any], model_type: str) -> dict[str, Any]:
+def _common(d: Mapping[str, Any], model_type: str, **overrides) -> dict[str, Any]:
+  """Fields every family reads the same way; `overrides` replace them."""
   num_heads = d["num_attention_heads"]
   hidden = d["hidden_size"]
   theta, scaling = _rope(d)
   num_layers = d["num_hidden_layers"]
-  return dict(
+  fields = dict(
       model_type=model_type,
       vocab_size=d["vocab_size"],
       hidden_size=hidden,
@@ -189,8 +207,11 @@ def _common(d: Mapping[str, Any], model_type: str) -> dict[str, Any]:
       hidden_act=d.get("hidden_act", "silu"),
       rope_theta=theta,
       rope_scaling=scaling,
+      max_position_embeddings=d.get("max_position_embeddings") or 4096,
       sliding_windows=_windows(d, num_layers),
   )
+  fields.update(overrides)
+  return fields
 
 
 def _qwen_moe_layers(d: Mapping[str, Any]) -> tuple[bool, ...]:
@@ -203,16 +224,17 @@ def _qwen_moe_layers(d: Mapping[str, Any]) -> tuple[bool, ...]:
   )
 
 
-def _deepseek_moe_layers(d: Mapping[str, Any]) -> tuple[bool, ...]:
-  """DeepSeek families: dense for the first `first_k_dense_replace` layers, then every `moe_layer_freq`-th."""
-  if d.get("mlp_layer_types"):
-    return tuple(t == "sparse" for t in d["mlp_layer_types"])
-  first_dense = d.get("first_k_dense_replace", 0) or 0
-  freq = d.get("moe_layer_freq", 1) or 1
-  n_routed = d.get("n_routed_experts") or 0
-  return tuple(
-      n_routed > 0 and i >= first_dense and i % freq == 0 for i in range(d["num_hidden_layers"])
-  )
+def _deepseek_moe_layers(d: Mapping[str, Any], honour_freq: bool) -> tuple[bool, ...]:
+  """DeepSeek families: MoE from layer `first_k_dense_replace` on.
+
+  DeepSeek-MoE (v1) also requires `layer % moe_layer_freq == 0` (absolute
+  index). transformers' DeepSeek-V2/V3 never read `moe_layer_freq` (every
+  released checkpoint has 1), so `honour_freq` is False for them.
+  """
+  first_dense = d.get("first_k_dense_replace") or 0
+  freq = (d.get("moe_layer_freq") or 1) if honour_freq else 1
+  has_experts = d.get("n_routed_experts") is not None
+  return tuple(has_experts and i >= first_dense and i % freq == 0 for i in range(d["num_hidden_layers"]))
 
 
 def _from_qwen2_moe(d):
@@ -269,11 +291,145 @@ def _from_olmoe(d):
   )
 
 
+def _mla_fields(d) -> dict[str, Any]:
+  """Multi-head latent attention fields of DeepSeek-V2/V3.
+
+  The saved configs also carry `head_dim = qk_rope_head_dim`; the query/key
+  head size is `qk_nope_head_dim + qk_rope_head_dim` instead.
+  """
+  nope, rope = d["qk_nope_head_dim"], d["qk_rope_head_dim"]
+  return dict(
+      head_dim=nope + rope,
+      num_kv_heads=d["num_attention_heads"],
+      attention_type="mla",
+      attention_bias=bool(d.get("attention_bias", False)),
+      q_lora_rank=d.get("q_lora_rank"),
+      kv_lora_rank=d["kv_lora_rank"],
+      qk_nope_head_dim=nope,
+      qk_rope_head_dim=rope,
+      v_head_dim=d["v_head_dim"],
+  )
+
+
+def _deepseek_v2_v3_ffn(d) -> dict[str, Any]:
+  """Feed-forward layout shared by DeepSeek-V2 and V3: one shared MLP of n_shared * expert width."""
+  return dict(
+      moe_layers=_deepseek_moe_layers(d, honour_freq=False),
+      intermediate_size=d["intermediate_size"],
+      moe_intermediate_size=d["moe_intermediate_size"],
+      num_experts=d["n_routed_experts"],
+      num_experts_per_tok=d["num_experts_per_tok"],
+      shared_intermediate_size=d["moe_intermediate_size"] * (d.get("n_shared_experts") or 0),
+      routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
+      router_fp32=True,
+  )
+
+
+def _from_deepseek_v2(d):
+  """DeepSeek-V2: softmax router, greedy or group_limited_greedy, interleaved rope.
+
+  transformers never renormalises the top-k weights of V2 (`norm_topk_prob`
+  is ignored; every released V2 config has it False); they are only scaled.
+  """
+  topk_method = d.get("topk_method") or "greedy"
+  if topk_method not in ("greedy", "group_limited_greedy"):
+    raise UnsupportedModelError(f"DeepSeek-V2 topk_method {topk_method!r}; supported: greedy, group_limited_greedy.")
+  grouped = topk_method == "group_limited_greedy"
+  return MoEConfig(
+      **_common(d, "deepseek_v2", **_mla_fields(d)),
+      rope_interleave=True,
+      **_deepseek_v2_v3_ffn(d),
+      scoring_func="softmax",
+      topk_method=topk_method,
+      n_group=d["n_group"] if grouped else 1,
+      topk_group=d["topk_group"] if grouped else 1,
+  )
+
+
+def _from_deepseek_v3(d):
+  """DeepSeek-V3: sigmoid scores, noaux_tc grouped selection with e_score_correction_bias.
+
+  transformers ignores `topk_method` and `scoring_func` for V3; `n_group` /
+  `topk_group` of None mean a single group.
+  """
+  return MoEConfig(
+      **_common(d, "deepseek_v3", **_mla_fields(d)),
+      rope_interleave=bool(d.get("rope_interleave", True)),
+      **_deepseek_v2_v3_ffn(d),
+      scoring_func="sigmoid",
+      topk_method="noaux_tc",
+      n_group=d.get("n_group") or 1,
+      topk_group=d.get("topk_group") or 1,
+      norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+      router_bias=True,
+  )
+
+
+# Defaults of the remote-code config classes (transformers does not ship these families).
+_DEEPSEEK_DEFAULTS = dict(
+    hidden_act="silu", max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0,
+    tie_word_embeddings=False, attention_bias=False, n_shared_experts=None, n_routed_experts=None,
+    num_experts_per_tok=None, first_k_dense_replace=0, moe_layer_freq=1, norm_topk_prob=False,
+    scoring_func="softmax", intermediate_size=11008, moe_intermediate_size=1407,
+)
+_XVERSE_DEFAULTS = dict(
+    hidden_act="silu", max_position_embeddings=8192, rms_norm_eps=1e-6, rope_theta=10000.0,
+    tie_word_embeddings=False, num_experts=None, num_shared_experts=None, norm_topk_prob=False,
+)
+
+
+def _from_deepseek(d):
+  """DeepSeek-MoE v1 (deepseek-moe-16b): Llama attention, softmax top-k, no routed scaling.
+
+  The remote code renormalises the top-k weights only if `k > 1`.
+  """
+  d = {**_DEEPSEEK_DEFAULTS, **d}
+  if d["scoring_func"] != "softmax":
+    raise UnsupportedModelError(f"DeepSeek-MoE scoring_func {d['scoring_func']!r}; only 'softmax' exists.")
+  k = d["num_experts_per_tok"] or 0
+  return MoEConfig(
+      **_common(d, "deepseek", head_dim=d["hidden_size"] // d["num_attention_heads"]),
+      attention_bias=bool(d["attention_bias"]),
+      moe_layers=_deepseek_moe_layers(d, honour_freq=True),
+      intermediate_size=d["intermediate_size"],
+      moe_intermediate_size=d["moe_intermediate_size"],
+      num_experts=d["n_routed_experts"] or 0,
+      num_experts_per_tok=k,
+      shared_intermediate_size=d["moe_intermediate_size"] * (d["n_shared_experts"] or 0),
+      norm_topk_prob=bool(d["norm_topk_prob"]) and k > 1,
+  )
+
+
+def _from_xverse(d):
+  """XVERSE-MoE: Llama attention without biases, every layer MoE; `intermediate_size` is per expert.
+
+  Without `num_experts` it is the dense XVERSE layout (every layer an MLP of
+  `intermediate_size`).
+  """
+  d = {**_XVERSE_DEFAULTS, **d}
+  moe = d["num_experts"] is not None
+  width = d["intermediate_size"]
+  return MoEConfig(
+      **_common(d, "xverse", head_dim=d["hidden_size"] // d["num_attention_heads"]),
+      moe_layers=(moe,) * d["num_hidden_layers"],
+      intermediate_size=width,
+      moe_intermediate_size=width if moe else 0,
+      num_experts=d["num_experts"] or 0,
+      num_experts_per_tok=d["moe_top_k"] if moe else 0,
+      shared_intermediate_size=width * (d["num_shared_experts"] or 0) if moe else 0,
+      norm_topk_prob=bool(d["norm_topk_prob"]),
+  )
+
+
 _CONVERTERS = {
     "qwen2_moe": _from_qwen2_moe,
     "qwen3_moe": _from_qwen3_moe,
     "mixtral": _from_mixtral,
     "olmoe": _from_olmoe,
+    "deepseek_v2": _from_deepseek_v2,
+    "deepseek_v3": _from_deepseek_v3,
+    "deepseek": _from_deepseek,
+    "xverse": _from_xverse,
 }
 
 

@@ -25,8 +25,7 @@ from moejax.models.layers import (
     KVCache,
     Linear,
     RMSNorm,
-    rope_cos_sin,
-    rope_frequencies,
+    attention_inputs,
 )
 
 
@@ -91,9 +90,7 @@ class Decoder(nnx.Module):
 
   def attention_inputs(self, positions: jax.Array, token_valid: jax.Array, index) -> AttentionInputs:
     """Shared per-step attention inputs; positions/token_valid `[B, T]`."""
-    inv_freq, scale = rope_frequencies(self.config)
-    cos, sin = rope_cos_sin(positions, inv_freq, scale)
-    return AttentionInputs(positions, token_valid, jnp.asarray(index, jnp.int32), cos, sin)
+    return attention_inputs(self.config, positions, token_valid, index)
 
   def logits(self, h: jax.Array) -> jax.Array:
     """h `[B, T, D]` -> logits `[B, T, V]` float32."""

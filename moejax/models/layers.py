@@ -78,22 +78,30 @@ class MLP(nnx.Module):
 # ----------------------------------------------------------------------------
 
 
-def _yarn_inv_freq(dim: int, theta: float, s: dict, max_pos: int) -> tuple[jax.Array, float]:
-  """YaRN frequencies and attention factor (Peng et al. 2023), as HF computes them."""
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+  """YaRN's attention-temperature multiplier `0.1 * mscale * ln(scale) + 1` (1 when scale <= 1)."""
+  return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_inv_freq(dim: int, theta: float, s: dict) -> tuple[jax.Array, float]:
+  """YaRN frequencies and attention factor (Peng et al. 2023), as transformers computes them.
+
+  `s` is the rope dict after `config._rope`, so it holds `factor` and
+  `original_max_position_embeddings`. Frequency i blends interpolation
+  (`/factor`) and extrapolation with a ramp that is 0 below the correction
+  dim of `beta_fast` rotations and 1 above that of `beta_slow`.
+  """
   factor = s["factor"]
-  orig = s.get("original_max_position_embeddings") or max_pos
+  orig = s["original_max_position_embeddings"]
   beta_fast = s.get("beta_fast") or 32
   beta_slow = s.get("beta_slow") or 1
-
-  def get_mscale(scale, mscale=1.0):
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
   attention_factor = s.get("attention_factor")
   if attention_factor is None:
     if s.get("mscale") and s.get("mscale_all_dim"):
-      attention_factor = get_mscale(factor, s["mscale"]) / get_mscale(factor, s["mscale_all_dim"])
+      attention_factor = yarn_get_mscale(factor, s["mscale"]) / yarn_get_mscale(factor, s["mscale_all_dim"])
     else:
-      attention_factor = get_mscale(factor)
+      attention_factor = yarn_get_mscale(factor)
 
   def correction_dim(num_rot):
     return (dim * math.log(orig / (num_rot * 2 * math.pi))) / (2 * math.log(theta))
@@ -105,26 +113,33 @@ def _yarn_inv_freq(dim: int, theta: float, s: dict, max_pos: int) -> tuple[jax.A
   if low == high:
     high += 0.001
   pos_freqs = theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
-  inv_extra = 1.0 / pos_freqs
-  inv_inter = 1.0 / (factor * pos_freqs)
   ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
-  extra_factor = 1 - ramp
-  inv_freq = inv_inter * (1 - extra_factor) + inv_extra * extra_factor
+  extrapolation = 1 - ramp  # share of the original frequency
+  inv_freq = 1.0 / (factor * pos_freqs) * (1 - extrapolation) + 1.0 / pos_freqs * extrapolation
   return inv_freq, float(attention_factor)
 
 
-def rope_frequencies(config: MoEConfig, max_position_embeddings: int = 4096) -> tuple[jax.Array, float]:
-  """Returns (inv_freq `[rope_dim // 2]`, attention scaling of cos/sin)."""
+def rope_frequencies(config: MoEConfig, seq_len: jax.Array | int = 0) -> tuple[jax.Array, float]:
+  """Returns (inv_freq `[rope_dim // 2]`, attention scaling of cos/sin).
+
+  `seq_len` (highest position + 1 of the step, may be traced) matters only
+  for "dynamic" NTK scaling, which raises the base once a sequence outgrows
+  `max_position_embeddings`, as transformers does per forward call.
+  """
   dim, theta = config.rope_dim, config.rope_theta
   scaling = config.rope_scaling_dict
-  rope_type = None if scaling is None else scaling.get("rope_type")
-  if rope_type in (None, "default"):
-    return 1.0 / theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim), 1.0
+  rope_type = "default" if scaling is None else scaling["rope_type"]
+  exponents = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+  if rope_type == "default":
+    return 1.0 / theta**exponents, 1.0
   if rope_type == "linear":
-    return 1.0 / theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim) / scaling["factor"], 1.0
-  if rope_type == "yarn":
-    return _yarn_inv_freq(dim, theta, scaling, max_position_embeddings)
-  raise ValueError(f"Unsupported rope_type {rope_type!r}; supported: default, linear, yarn.")
+    return 1.0 / theta**exponents / scaling["factor"], 1.0
+  if rope_type == "dynamic":
+    factor, max_pos = scaling["factor"], config.max_position_embeddings
+    length = jnp.maximum(jnp.asarray(seq_len, jnp.float32), max_pos)
+    base = theta * (factor * length / max_pos - (factor - 1)) ** (dim / (dim - 2))
+    return 1.0 / base**exponents, 1.0
+  return _yarn_inv_freq(dim, theta, scaling)  # "yarn"; MoEConfig rejects any other rope_type
 
 
 def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
@@ -181,6 +196,13 @@ class AttentionInputs(NamedTuple):
   index: jax.Array
   cos: jax.Array
   sin: jax.Array
+
+
+def attention_inputs(config: MoEConfig, positions: jax.Array, token_valid: jax.Array, index) -> AttentionInputs:
+  """The per-step `AttentionInputs` for positions/token_valid `[B, T]` written at cache row `index`."""
+  inv_freq, scale = rope_frequencies(config, positions.max() + 1)
+  cos, sin = rope_cos_sin(positions, inv_freq, scale)
+  return AttentionInputs(positions, token_valid, jnp.asarray(index, jnp.int32), cos, sin)
 
 
 def attention_mask(inputs: AttentionInputs, cache: KVCache, window: int | None) -> jax.Array:

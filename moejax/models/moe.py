@@ -35,14 +35,16 @@ class Router(nnx.Module):
   """Linear router producing per-expert scores (the expert's importance)."""
 
   def __init__(self, config: MoEConfig, *, dtype=jnp.float32):
-    self.weight = nnx.Param(jnp.zeros((config.hidden_size, config.num_experts), dtype))
+    weight_dtype = jnp.float32 if config.router_fp32 else dtype
+    self.weight = nnx.Param(jnp.zeros((config.hidden_size, config.num_experts), weight_dtype))
     # DeepSeek-V3's e_score_correction_bias: shifts selection only, never the weights.
     self.bias = nnx.Param(jnp.zeros((config.num_experts,), jnp.float32)) if config.router_bias else None
     self.scoring_func = config.scoring_func
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: `[N, D]` -> scores `[N, E]` in float32 (softmax or sigmoid of the logits)."""
-    logits = (x @ self.weight[...]).astype(jnp.float32)
+    w = self.weight[...]
+    logits = (x.astype(w.dtype) @ w).astype(jnp.float32)
     if self.scoring_func == "softmax":
       return jax.nn.softmax(logits, axis=-1)
     if self.scoring_func == "sigmoid":
@@ -56,14 +58,16 @@ class Router(nnx.Module):
 def select_experts(config: MoEConfig, scores: jax.Array, bias: jax.Array | None = None) -> jax.Array:
   """The model's own expert choice. scores `[N, E]` -> expert ids `[N, k]` int32.
 
-  greedy: top-k of the scores. group_limited_greedy: experts are split into
-  `n_group` groups, a group scores by its best expert, only the `topk_group`
-  best groups are eligible. noaux_tc (DeepSeek-V3): selection on
-  `scores + bias`, a group scores by the sum of its two best experts.
+  greedy: top-k of the scores. group_limited_greedy (DeepSeek-V2): experts
+  are split into `n_group` groups, a group scores by its best expert, and
+  experts outside the `topk_group` best groups get score 0. noaux_tc
+  (DeepSeek-V3): selection on `scores + bias`, a group scores by the sum of
+  its two best (biased) experts, experts outside the kept groups get -inf.
   """
-  k = config.num_experts_per_tok
+  if config.topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+    raise ValueError(f"Unsupported topk_method {config.topk_method!r}.")
   sel = scores if bias is None else scores + bias
-  if config.topk_method in ("group_limited_greedy", "noaux_tc") and config.n_group > 1:
+  if config.topk_method != "greedy" and config.topk_group < config.n_group:
     n, e = sel.shape
     grouped = sel.reshape(n, config.n_group, e // config.n_group)
     if config.topk_method == "noaux_tc":
@@ -73,20 +77,19 @@ def select_experts(config: MoEConfig, scores: jax.Array, bias: jax.Array | None 
     _, top_groups = jax.lax.top_k(group_score, config.topk_group)
     group_mask = jnp.zeros((n, config.n_group), bool).at[jnp.arange(n)[:, None], top_groups].set(True)
     expert_mask = jnp.repeat(group_mask, e // config.n_group, axis=1)
-    sel = jnp.where(expert_mask, sel, 0.0 if config.topk_method == "noaux_tc" else -jnp.inf)
-  elif config.topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
-    raise ValueError(f"Unsupported topk_method {config.topk_method!r}.")
-  return jax.lax.top_k(sel, k)[1].astype(jnp.int32)
+    sel = jnp.where(expert_mask, sel, -jnp.inf if config.topk_method == "noaux_tc" else 0.0)
+  return jax.lax.top_k(sel, config.num_experts_per_tok)[1].astype(jnp.int32)
 
 
 def combine_weights(config: MoEConfig, gate_scores: jax.Array) -> jax.Array:
-  """Mixing weights `[N, k]` from the chosen experts' scores `[N, k]`.
+  """Mixing weights `[N, k]` from the chosen experts' (unbiased) scores `[N, k]`.
 
-  Applies the model's top-k renormalisation and routed scaling factor, so
-  that substituted experts are weighted the way the model weights its own.
+  Applies the model's top-k renormalisation (`w / (sum w + 1e-20)`) and
+  routed scaling factor, so that substituted experts are weighted the way the
+  model weights its own.
   """
   w = gate_scores
-  if config.norm_topk_prob and config.num_experts_per_tok > 1:
+  if config.norm_topk_prob:
     w = w / (w.sum(-1, keepdims=True) + 1e-20)
   return w * config.routed_scaling_factor
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Callable, Mapping, NamedTuple
+
 import numpy as np
+import pytest
 import torch
 import transformers
+
+import moejax
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
@@ -55,3 +60,29 @@ def hf_greedy(model: torch.nn.Module, ids: np.ndarray, max_new_tokens: int, atte
         min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None,
     )
   return out.numpy()
+
+
+class Pair(NamedTuple):
+  """A parity case: the PyTorch reference (HF or `reference_models`), moejax's load of its
+  checkpoint, the case name and the checkpoint directory."""
+
+  ref: torch.nn.Module
+  model: moejax.Model
+  name: str
+  path: str
+
+
+def hf_pair_fixture(cases: Mapping[str, Callable[[], transformers.PretrainedConfig]]):
+  """A module-scoped fixture `pair` (a `Pair`), one per case.
+
+  Each case is saved with `save_pretrained` and loaded through the same
+  safetensors path real checkpoints use.
+  """
+
+  @pytest.fixture(scope="module", params=sorted(cases))
+  def pair(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    hf = build_hf_model(cases[request.param](), path, seed=len(request.param))
+    return Pair(hf, moejax.load(path), request.param, str(path))
+
+  return pair
