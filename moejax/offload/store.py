@@ -36,6 +36,7 @@ class HostExpertStore:
     self.device = device or jax.devices()[0]
     self.layers = [None if w is None else ExpertWeights(*(np.asarray(a) for a in w)) for w in experts]
     self._per_expert = None
+    self._on_device = jax.sharding.SingleDeviceSharding(self.device, memory_kind="device")
     if memory_kind != "numpy":
       kind = jax.sharding.SingleDeviceSharding(self.device, memory_kind=memory_kind)
       self._per_expert = [
@@ -61,6 +62,6 @@ class HostExpertStore:
     experts = np.asarray(experts)
     if self._per_expert is None:
       w = self.layers[layer]
-      return jax.device_put(ExpertWeights(*(a[experts] for a in w)), self.device)
-    blocks = jax.device_put([self._per_expert[layer][e] for e in experts], self.device)
+      return jax.device_put(ExpertWeights(*(a[experts] for a in w)), self._on_device)
+    blocks = jax.device_put([self._per_expert[layer][e] for e in experts], self._on_device)
     return ExpertWeights(*(tuple(b[i] for b in blocks) for i in range(3)))
