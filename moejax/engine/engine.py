@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +81,15 @@ def _last_logits(graphdef, state, h):
   return nnx.merge(graphdef, state).logits(h[:, -1:])[:, 0]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _next_token_logprobs(graphdef, state, h, ids):
+  """h `[B, T, D]`, ids `[B, T]` -> log p(ids[:, t+1] | ids[:, :t+1]) and argmax flags, both `[B, T-1]`."""
+  logits = nnx.merge(graphdef, state).logits(h[:, :-1]).astype(jnp.float32)
+  targets = ids[:, 1:]
+  logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
+  return logp, jnp.argmax(logits, axis=-1) == targets
+
+
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(4,))
 def _attend_dense(graphdef, state, h, inputs, kv):
   layer = nnx.merge(graphdef, state)
@@ -114,6 +123,17 @@ def _finish(graphdef, act, state, h, x, buffers, slots, mix, extra):
   layer = nnx.merge(graphdef, state)
   routed = moe.routed_experts(x, buffers, slots, mix, act) + extra.astype(jnp.float32)
   return layer.finish_moe(h, x, routed.astype(x.dtype))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _warm_admit(policy, state, scores, valid, selected):
+  """Admits the experts a prompt used (`selected` `[N, k]`), most important first; returns (state, admission)."""
+  e = scores.shape[-1]
+  used = jnp.zeros(e, bool).at[selected].max(jnp.broadcast_to(valid[:, None], selected.shape))
+  priority = jnp.max(jnp.where(valid[:, None], scores, 0.0), axis=0)
+  state, adm = cache.admit(state, used, jnp.zeros(e, bool), priority, policy=policy,
+                           max_loads=min(state.num_slots, e))
+  return cache.observe(state, scores, used, valid), adm
 
 
 _schedule = jax.jit(schedule_layer, static_argnums=(0, 1, 2))
@@ -379,14 +399,7 @@ class Engine:
     """After an exact prefill: fill the layer's cache with the prompt's most important experts."""
     if self.spec.static:
       return
-    state = self.states[l]
-    e = self.config.num_experts
-    used = jnp.zeros(e, bool).at[selected].max(jnp.broadcast_to(valid[:, None], selected.shape))
-    priority = jnp.max(jnp.where(valid[:, None], scores, 0.0), axis=0)
-    policy = self.spec.eviction or "score"
-    state, adm = cache.admit(state, used, jnp.zeros(e, bool), priority, policy=policy,
-                             max_loads=min(state.num_slots, e))
-    self.states[l] = cache.observe(state, scores, used, valid)
+    self.states[l], adm = _warm_admit(self.spec.eviction or "score", self.states[l], scores, valid, selected)
     experts, slots = jax.device_get((adm.experts, adm.slots))
     self._copy_in(l, experts, slots)
 
@@ -452,8 +465,12 @@ class Engine:
                   jnp.zeros(x.shape, jnp.float32))
     return counts
 
-  def _step(self, ids, positions, valid, index, caches, run, kind):
-    """One forward step of T tokens per sequence; returns last-position logits `[B, V]`."""
+  def _step(self, ids, positions, valid, index, caches, run, kind, score=False):
+    """One forward step of T tokens per sequence.
+
+    Returns last-position logits `[B, V]`, or with `score` the next-token
+    log-probabilities and argmax flags of the step's own tokens (`[B, T-1]` each).
+    """
     t0 = time.perf_counter()
     run.begin_step(kind, tokens=int(np.asarray(valid).sum()))
     exact = kind == "prefill" and not self.policy_in_prefill
@@ -473,10 +490,46 @@ class Engine:
         jax.block_until_ready(h)
         run.add_time("attention", time.perf_counter() - ta)
       h, prefetched = self._moe_layer(l, h, x, scores, vflat, inputs, caches, run, prefetched, exact)
-    logits = _last_logits(self.decoder_def, self.decoder_state, h)
-    logits = jax.block_until_ready(logits)
+    if score:
+      out = _next_token_logprobs(self.decoder_def, self.decoder_state, h, ids)
+    else:
+      out = _last_logits(self.decoder_def, self.decoder_state, h)
+    out = jax.block_until_ready(out)
     run.end_step(time.perf_counter() - t0, head_bytes=self.head_bytes)
-    return logits
+    return out
+
+  def new_run_stats(self) -> RunStats:
+    """An empty `RunStats` for this engine, to accumulate several calls (`run_stats=`) into."""
+    return RunStats(self.config, dtype_bytes=jnp.dtype(self.model.dtype).itemsize)
+
+  def _prompt(self, input_ids, attention_mask) -> tuple[np.ndarray, jax.Array, jax.Array]:
+    """(ids `[B, T]` int32, valid `[B, T]`, rotary positions `[B, T]`) of a left-padded batch."""
+    ids = np.asarray(input_ids, np.int32)
+    if ids.ndim != 2:
+      raise ValueError(f"input_ids must be [batch, tokens], got shape {ids.shape}.")
+    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    valid = jnp.asarray(mask)
+    return ids, valid, prompt_positions(valid)
+
+  def score(self, input_ids, attention_mask=None, *, run_stats: RunStats | None = None):
+    """Scores a batch in one prefill step (exact unless `policy_in_prefill`).
+
+    Args:
+      input_ids: `[B, T]` left-padded sequences.
+      attention_mask: `[B, T]` 1 for real tokens.
+      run_stats: a `RunStats` to accumulate into across calls (default: a fresh one).
+
+    Returns:
+      (logprobs `[B, T-1]` of each next token given the tokens before it,
+       greedy `[B, T-1]` bool, whether that token was the argmax). Positions
+      whose target is padding are meaningless.
+    """
+    ids, valid, positions = self._prompt(input_ids, attention_mask)
+    self._maybe_calibrate_static(jnp.asarray(ids), valid, positions)
+    run = self.new_run_stats() if run_stats is None else run_stats
+    caches = self.model.init_caches(*ids.shape)
+    logp, greedy = self._step(jnp.asarray(ids), positions, valid, 0, caches, run, "prefill", score=True)
+    return np.asarray(logp), np.asarray(greedy)
 
   def generate(
       self,
@@ -485,9 +538,13 @@ class Engine:
       attention_mask=None,
       *,
       forced_tokens=None,
+      forced_mask=None,
       temperature: float = 0.0,
       top_p: float = 1.0,
       seed: int = 0,
+      stop: Callable[[np.ndarray], bool] | None = None,
+      run_stats: RunStats | None = None,
+      cache_length: int | None = None,
   ) -> GenerationResult:
     """Decodes N tokens for a batch of B left-padded prompts.
 
@@ -497,30 +554,43 @@ class Engine:
       attention_mask: `[B, T]` 1 for real tokens.
       forced_tokens: optional `[B, N]` tokens to feed instead of sampling
         (teacher forcing: scoring sees exactly the decode path).
+      forced_mask: optional `[B, N]`, 0 where `forced_tokens` is padding (right
+        padding of shorter continuations). A decode step feeds token n of a
+        row as padding (ignored by scheduling, the cache and the stats) unless
+        token n + 1 is real, so each row runs exactly the steps its own
+        continuation needs; logprobs at padded positions are meaningless.
       temperature: 0 for greedy; else sampling with `top_p` and `seed`.
+      stop: optional `stop(tokens [B, n]) -> bool` called on the tokens
+        emitted so far; returning True ends decoding early (fewer than N).
+      run_stats: a `RunStats` to accumulate into across calls (default: a
+        fresh one); `stats`, `trace` and `routing` then cover every call.
+      cache_length: KV cache rows, >= T + N (default T + N). Calls with
+        different T + N but one cache_length share the decode compilations.
 
     Returns:
       A `GenerationResult`.
     """
-    ids = np.asarray(input_ids, np.int32)
-    if ids.ndim != 2:
-      raise ValueError(f"input_ids must be [batch, tokens], got shape {ids.shape}.")
+    ids, valid, positions = self._prompt(input_ids, attention_mask)
     b, t = ids.shape
-    mask = np.ones((b, t), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
     if forced_tokens is not None:
       forced_tokens = np.asarray(forced_tokens, np.int32)
       if forced_tokens.shape != (b, max_new_tokens):
         raise ValueError(f"forced_tokens must be [{b}, {max_new_tokens}], got {forced_tokens.shape}.")
-    positions = prompt_positions(jnp.asarray(mask))
-    valid = jnp.asarray(mask)
+    feed = np.ones((b, max_new_tokens), bool)
+    if forced_mask is not None:
+      forced_mask = np.asarray(forced_mask).astype(bool)
+      if forced_tokens is None or forced_mask.shape != forced_tokens.shape:
+        raise ValueError("forced_mask needs forced_tokens of the same shape [B, N].")
+      feed[:, :-1] = forced_mask[:, 1:]
     self._maybe_calibrate_static(jnp.asarray(ids), valid, positions)
-    run = RunStats(self.config, dtype_bytes=jnp.dtype(self.model.dtype).itemsize)
-    caches = self.model.init_caches(b, t + max_new_tokens)
+    run = self.new_run_stats() if run_stats is None else run_stats
+    if cache_length is not None and cache_length < t + max_new_tokens:
+      raise ValueError(f"cache_length={cache_length} is below prompt + new tokens = {t + max_new_tokens}.")
+    caches = self.model.init_caches(b, cache_length or t + max_new_tokens)
     key = jax.random.PRNGKey(seed)
     logits = self._step(jnp.asarray(ids), positions, valid, 0, caches, run, "prefill")
     out, logps, greedy = [], [], []
     next_pos = positions[:, -1:] + 1
-    ones = jnp.ones((b, 1), bool)
     for step in range(max_new_tokens):
       key, sub = jax.random.split(key)
       if forced_tokens is not None:
@@ -531,9 +601,9 @@ class Engine:
       logps.append(np.asarray(jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]))
       greedy.append(np.asarray(jnp.argmax(logits, -1) == token))
       out.append(np.asarray(token))
-      if step == max_new_tokens - 1:
+      if step == max_new_tokens - 1 or (stop is not None and stop(np.stack(out, 1))):
         break
-      logits = self._step(token[:, None], next_pos, ones, t + step, caches, run, "decode")
+      logits = self._step(token[:, None], next_pos, jnp.asarray(feed[:, step, None]), t + step, caches, run, "decode")
       next_pos = next_pos + 1
     gen = np.stack(out, 1) if out else np.zeros((b, 0), np.int32)
     return GenerationResult(

@@ -1,0 +1,244 @@
+"""Resumable sweeps: speed and accuracy of (policy, alpha) points, one JSONL row per point.
+
+A sweep setup is one `ml_collections.ConfigDict` (`base_config` holds its
+fields and defaults; `configs/*.py` set them). Each point builds an `Engine`
+over the loaded model with the point's policy and alpha, measures decode
+speed (`speed.measure_decode`, with edge-GPU estimates) and accuracy (lm-eval
+tasks through `MoejaxLM` and / or perplexity of a text file), and appends one
+row to a JSONL file: `{"point", "setup", "result", "finished_at"}`.
+
+`ResultsFile` makes sweeps resumable: rows are appended with flush + fsync
+once a point is finished; a restarted sweep skips the points already in the
+file (matched by their parameters) and never repeats one; a line cut short by
+a crash is dropped. Rows from a different setup make it refuse to continue.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import ml_collections
+from absl import logging
+from ml_collections import config_dict
+
+import moejax
+from moejax.engine import Engine
+from moejax.eval import perplexity, speed
+from moejax.eval.tasks import PARAGRAPHS_PATH, task_manager
+from moejax.eval.tokenizer import load_tokenizer
+from moejax.scheduling.similarity import load_similarity
+from moejax.sim import PROFILES
+
+# Config fields that enumerate points rather than describe the setup.
+GRID_FIELDS = ("out", "policies", "alphas", "alpha")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Fields of a speed / accuracy setup, with defaults (model must be set)."""
+  c = ml_collections.ConfigDict()
+  c.model = ""  # HF checkpoint directory
+  c.tokenizer = ""  # default: the checkpoint's own
+  c.dtype = "float32"
+  c.engine = ml_collections.ConfigDict({
+      "cache_slots": config_dict.placeholder(int),
+      "cache_fraction": config_dict.placeholder(float),
+      "window": 8,
+      "substitute_weight": "own",
+      "policy_in_prefill": False,
+      "host_memory_kind": "numpy",
+      "similarity": "",  # .npz from experiments/similarity.py; default router cosine
+  })
+  c.speed = ml_collections.ConfigDict({
+      "prompt_file": PARAGRAPHS_PATH,
+      "num_prompts": 4,
+      "prompt_len": 32,
+      "new_tokens": 32,
+      "batch": 1,
+      "profiles": tuple(sorted(PROFILES)),
+      "target_dtype_bytes": 2,  # estimate fp16 weights on the edge GPUs, as the paper runs them
+  })
+  c.accuracy = ml_collections.ConfigDict({
+      "tasks": ("moejax_simple",),  # lm-eval task / tag names; () for none
+      "limit": config_dict.placeholder(int),
+      "batch_size": 4,
+      "max_length": config_dict.placeholder(int),
+      "perplexity_file": "",  # a UTF-8 text file; "" for none
+      "perplexity_window": 256,
+      "perplexity_context": 32,
+      "perplexity_max_tokens": config_dict.placeholder(int),
+      "perplexity_mode": "decode",
+  })
+  return c
+
+
+def setup_of(cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """The part of a config that must match for rows to be resumed (everything but the grid and output)."""
+  cfg = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
+  return json.loads(json.dumps({k: v for k, v in cfg.items() if k not in GRID_FIELDS}))
+
+
+def engine_options(engine_cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """Engine keyword arguments from the config's `engine` block (unset fields dropped)."""
+  opts = {k: v for k, v in dict(engine_cfg).items() if v is not None and k != "similarity"}
+  if engine_cfg.get("similarity"):
+    opts["similarity"] = load_similarity(engine_cfg["similarity"])[0]
+  return opts
+
+
+def load_setup(cfg) -> tuple[moejax.Model, Any]:
+  """(model with routed experts on the host, tokenizer) of a config."""
+  if not cfg.model:
+    raise ValueError("Set --config.model=DIR (a HuggingFace MoE checkpoint directory).")
+  return moejax.load(cfg.model, dtype=cfg.dtype, experts="host"), load_tokenizer(cfg.model, cfg.tokenizer or None)
+
+
+def measure_speed(engine: Engine, tokenizer, speed_cfg) -> dict[str, Any]:
+  """`speed.measure_decode` on prompts cut from the config's prompt file."""
+  prompts = speed.text_prompts(tokenizer, speed_cfg.prompt_file, speed_cfg.num_prompts, speed_cfg.prompt_len)
+  return speed.measure_decode(engine, prompts, speed_cfg.new_tokens, batch=speed_cfg.batch,
+                              profiles=tuple(speed_cfg.profiles), target_dtype_bytes=speed_cfg.target_dtype_bytes)
+
+
+def measure_accuracy(engine: Engine, tokenizer, acc) -> dict[str, Any]:
+  """lm-eval metrics per task ({task: {metric: value}}) and / or perplexity of a text file."""
+  from lm_eval import simple_evaluate
+
+  from moejax.eval.lm_eval import MoejaxLM
+
+  out: dict[str, Any] = {}
+  if acc.tasks:
+    engine.reset()
+    lm = MoejaxLM(engine, tokenizer, batch_size=acc.batch_size, max_length=acc.max_length)
+    results = simple_evaluate(model=lm, tasks=list(acc.tasks), limit=acc.limit, task_manager=task_manager(),
+                              bootstrap_iters=0, log_samples=False)
+    out["tasks"] = {task: {k: v for k, v in metrics.items() if "," in k and "_stderr" not in k}
+                    for task, metrics in results["results"].items()}
+    stats = lm.stats()
+    out["engine"] = {k: stats[k] for k in ("hit_ratio", "substitution_rate", "decode_steps")}
+  if acc.perplexity_file:
+    engine.reset()
+    ppl = perplexity.file_perplexity(engine, tokenizer, acc.perplexity_file, window=acc.perplexity_window,
+                                     context=acc.perplexity_context, batch_size=acc.batch_size,
+                                     mode=acc.perplexity_mode, max_tokens=acc.perplexity_max_tokens)
+    out["perplexity"] = {"perplexity": ppl.perplexity, "nll": ppl.nll, "tokens": ppl.tokens,
+                         "hit_ratio": ppl.stats["hit_ratio"], "substitution_rate": ppl.stats["substitution_rate"]}
+  return out
+
+
+def evaluate_point(model: moejax.Model, tokenizer, cfg, point: Mapping[str, Any]) -> dict[str, Any]:
+  """Speed and accuracy of one {"policy", "alpha"} point of a setup."""
+  engine = Engine(model, policy=point["policy"], alpha=point["alpha"], **engine_options(cfg.engine))
+  measured = measure_speed(engine, tokenizer, cfg.speed)
+  measured.pop("trace")
+  measured["measured"].pop("per_layer")
+  return {"speed": measured, "accuracy": measure_accuracy(engine, tokenizer, cfg.accuracy)}
+
+
+def _point_key(point: Mapping[str, Any]) -> str:
+  return json.dumps(point, sort_keys=True)
+
+
+class ResultsFile:
+  """An append-only JSONL file of finished points (see the module docstring).
+
+  Args:
+    path: the file (created with its folder if missing).
+    setup: JSON-able description every row must share.
+  """
+
+  def __init__(self, path: str | os.PathLike, setup: Mapping[str, Any]):
+    self.path = os.fspath(path)
+    self.setup = json.loads(json.dumps(setup))
+    self.rows: list[dict[str, Any]] = []
+    if os.path.exists(self.path):
+      self._load()
+
+  def _load(self) -> None:
+    with open(self.path, "rb") as f:
+      data = f.read()
+    complete = data.rfind(b"\n") + 1
+    if complete < len(data):
+      logging.warning("%s: dropping an unfinished last line (%d bytes) from an interrupted run.",
+                      self.path, len(data) - complete)
+      with open(self.path, "r+b") as f:
+        f.truncate(complete)
+    for row in load_rows(self.path):
+      if row["setup"] != self.setup:
+        raise ValueError(f"{self.path} holds results of a different setup; write this one to another file "
+                         f"(--config.out=...) or restore the setup.\nfile: {row['setup']}\nnow:  {self.setup}")
+      self.rows.append(row)
+
+  def done(self, point: Mapping[str, Any]) -> bool:
+    return any(_point_key(row["point"]) == _point_key(point) for row in self.rows)
+
+  def append(self, point: Mapping[str, Any], result: Mapping[str, Any]) -> dict[str, Any]:
+    """Writes one finished point durably (flush + fsync) and returns its row."""
+    row = {"point": dict(point), "setup": self.setup, "result": result,
+           "finished_at": datetime.datetime.now().isoformat(timespec="seconds")}
+    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(row) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+    self.rows.append(row)
+    return row
+
+
+def run_points(path: str | os.PathLike, setup: Mapping[str, Any], points: Sequence[Mapping[str, Any]],
+               evaluate: Callable[[Mapping[str, Any]], Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """Evaluates the points not yet in `path`, appending each as it finishes; returns every row of the file."""
+  results = ResultsFile(path, setup)
+  todo = [p for p in points if not results.done(p)]
+  logging.info("%s: %d of %d points done, %d to run.", path, len(points) - len(todo), len(points), len(todo))
+  for i, point in enumerate(todo):
+    logging.info("point %d/%d: %s", i + 1, len(todo), point)
+    results.append(point, evaluate(point))
+  return results.rows
+
+
+def sweep(cfg, points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """Runs `evaluate_point` on each unfinished point into `cfg.out`, loading the model once (if any point is left)."""
+  loaded = functools.cache(lambda: load_setup(cfg))
+  return run_points(cfg.out, setup_of(cfg), points, lambda point: evaluate_point(*loaded(), cfg, point))
+
+
+def load_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """The complete rows of a sweep file (an unfinished last line is ignored)."""
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().split("\n")[:-1]
+  return [json.loads(line) for line in lines if line.strip()]
+
+
+def tpot_of(row: Mapping[str, Any], source: str = "measured") -> float:
+  """A row's TPOT in seconds: "measured", or the estimate on the named hardware profile."""
+  sp = row["result"]["speed"]
+  if source == "measured":
+    return sp["measured"]["tpot_s"]
+  if source not in sp["estimate"]:
+    raise ValueError(f"no estimate for profile {source!r} in this sweep; it has {sorted(sp['estimate'])}.")
+  return sp["estimate"][source]["tpot_s"]
+
+
+def accuracy_metrics(row: Mapping[str, Any]) -> dict[str, float]:
+  """Flat {"task/metric": value} of a row's lm-eval metrics and perplexity."""
+  acc = row["result"]["accuracy"]
+  out = {f"{task}/{metric}": value for task, metrics in acc.get("tasks", {}).items()
+         for metric, value in metrics.items() if isinstance(value, (int, float))}
+  if "perplexity" in acc:
+    out["perplexity"] = acc["perplexity"]["perplexity"]
+  return out
+
+
+def summary_table(rows: Sequence[Mapping[str, Any]]) -> str:
+  """One line per row: policy, alpha, measured TPOT / TTFT, hit and substitution ratios, accuracy metrics."""
+  lines = [f"{'policy':10s} {'alpha':>6s} {'TPOT ms':>8s} {'TTFT ms':>8s} {'hit':>6s} {'subst':>6s}  accuracy"]
+  for row in rows:
+    m = row["result"]["speed"]["measured"]
+    acc = ", ".join(f"{k}={v:.4g}" for k, v in sorted(accuracy_metrics(row).items()))
+    lines.append(f"{row['point']['policy']:10s} {row['point']['alpha']:6.3f} {m['tpot_s'] * 1e3:8.2f} "
+                 f"{m['ttft_s'] * 1e3:8.2f} {m['hit_ratio']:6.3f} {m['substitution_rate']:6.3f}  {acc}")
+  return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""Resumable sweeps: a sweep that dies midway and is restarted loses no finished point and repeats none."""
+
+import json
+
+import pytest
+
+from moejax.eval import sweep
+from moejax.eval.tasks import PARAGRAPHS_PATH
+from tests.eval.test_lm_eval import SHAPES
+
+POINTS = [{"policy": "smoe", "alpha": a} for a in (0.0, 0.1, 0.2)]
+
+
+def tiny_config(eval_path, out):
+  cfg = sweep.base_config()
+  cfg.model = str(eval_path)
+  cfg.engine.cache_slots = 3
+  # Shapes as in the other eval tests (batch 4, 16 prompt tokens, 32 cache rows): nothing compiles twice.
+  cfg.speed.update(num_prompts=4, prompt_len=16, new_tokens=16, batch=SHAPES["batch_size"],
+                   profiles=("rtx3080ti_12gb",))
+  cfg.accuracy.update(tasks=(), batch_size=SHAPES["batch_size"], perplexity_file=PARAGRAPHS_PATH,
+                      perplexity_window=SHAPES["max_length"], perplexity_context=4, perplexity_max_tokens=24)
+  cfg.out = str(out)
+  return cfg
+
+
+def test_sweep_resumes_after_a_crash(eval_path, tmp_path, monkeypatch):
+  cfg = tiny_config(eval_path, tmp_path / "runs" / "sweep.jsonl")
+  evaluated, real = [], sweep.evaluate_point
+
+  def dies_at_second_point(model, tokenizer, cfg, point):
+    evaluated.append(point)
+    if len(evaluated) == 2:
+      raise KeyboardInterrupt("killed")
+    return real(model, tokenizer, cfg, point)
+
+  monkeypatch.setattr(sweep, "evaluate_point", dies_at_second_point)
+  with pytest.raises(KeyboardInterrupt):
+    sweep.sweep(cfg, POINTS)
+  assert [r["point"] for r in sweep.load_rows(cfg.out)] == POINTS[:1]
+
+  evaluated.clear()
+  monkeypatch.setattr(sweep, "evaluate_point", lambda *a: evaluated.append(a[-1]) or real(*a))
+  rows = sweep.sweep(cfg, POINTS)
+  assert evaluated == POINTS[1:]  # the finished point is not repeated
+  assert [r["point"] for r in rows] == [r["point"] for r in sweep.load_rows(cfg.out)] == POINTS
+  row = rows[0]["result"]
+  assert row["speed"]["estimate"]["rtx3080ti_12gb"]["label"] == "estimate"
+  assert 0 <= row["speed"]["measured"]["hit_ratio"] <= 1 and row["accuracy"]["perplexity"]["tokens"] == 24
+  # Everything done: nothing runs, nothing is loaded.
+  monkeypatch.setattr(sweep, "load_setup", lambda cfg: pytest.fail("loaded a model with nothing to run"))
+  assert len(sweep.sweep(cfg, POINTS)) == 3
+  assert len(sweep.summary_table(rows).splitlines()) == 4
+
+
+def test_results_file_drops_an_unfinished_line_and_checks_the_setup(tmp_path):
+  path = tmp_path / "r.jsonl"
+  results = sweep.ResultsFile(path, {"model": "a"})
+  results.append({"policy": "lru", "alpha": 0.0}, {"x": 1})
+  with open(path, "a") as f:
+    f.write('{"point": {"policy": "lru", "alpha": 0.1}, "setu')  # a crash mid-write
+  resumed = sweep.ResultsFile(path, {"model": "a"})
+  assert [r["point"] for r in resumed.rows] == [{"policy": "lru", "alpha": 0.0}]
+  assert resumed.done({"alpha": 0.0, "policy": "lru"}) and not resumed.done({"policy": "lru", "alpha": 0.1})
+  resumed.append({"policy": "lru", "alpha": 0.1}, {"x": 2})
+  assert [json.loads(line)["result"]["x"] for line in path.read_text().splitlines()] == [1, 2]
+  with pytest.raises(ValueError, match="different setup"):
+    sweep.ResultsFile(path, {"model": "b"})
+
+
+def test_run_points_skips_finished_points(tmp_path):
+  path = tmp_path / "r.jsonl"
+  calls = []
+  sweep.run_points(path, {}, POINTS[:2], lambda p: calls.append(p) or {"n": len(calls)})
+  sweep.run_points(path, {}, POINTS, lambda p: calls.append(p) or {"n": len(calls)})
+  assert calls == POINTS
