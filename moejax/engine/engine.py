@@ -17,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,12 +29,13 @@ from moejax.engine import sampling
 from moejax.engine.schedule import COUNTERS, prefetch_layer, schedule_layer
 from moejax.engine.stats import RunStats
 from moejax.models import moe
-from moejax.models.layers import AttentionInputs, rope_cos_sin, rope_frequencies
-from moejax.models.model import Model, prompt_positions
+from moejax.models.layers import attention_inputs
+from moejax.models.model import Model, bucket, prompt_positions
 from moejax.offload import cache as slot_cache
 from moejax.offload.cpu import cpu_experts
 from moejax.offload.store import HostExpertStore
-from moejax.scheduling import balance, cache, similarity as similarity_lib
+from moejax.scheduling import balance, cache
+from moejax.scheduling import similarity as similarity_lib
 from moejax.scheduling.policies import PolicySpec, get_policy
 from moejax.sim.trace import LayerEvent, StepTrace
 
@@ -64,24 +66,47 @@ class GenerationResult:
 # ----------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _attention_inputs(config, positions, valid, index) -> AttentionInputs:
-  inv_freq, scale = rope_frequencies(config)
-  cos, sin = rope_cos_sin(positions, inv_freq, scale)
-  return AttentionInputs(positions, valid, jnp.asarray(index, jnp.int32), cos, sin)
+_attention_inputs = jax.jit(attention_inputs, static_argnums=0)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.cache
+def _jit_bound(fn, *static, donate: tuple[int, ...] = ()):
+  """`fn` jitted with its leading static arguments (graphdefs) bound.
+
+  Binding once per engine keeps the hashing of graphdefs out of every call;
+  the cache makes engines over equal graphdefs share compilations.
+  """
+  return jax.jit(functools.partial(fn, *static), donate_argnums=donate)
+
+
+class _LayerFns(NamedTuple):
+  """A layer's jitted stages, each called with the layer's state first."""
+
+  attend_dense: Callable
+  attend_route: Callable
+  peek_scores: Callable
+  gate_scores: Callable
+  finish: Callable
+
+
+def _layer_fns(graphdef, act: str) -> _LayerFns:
+  return _LayerFns(
+      attend_dense=_jit_bound(_attend_dense, graphdef, donate=(3,)),
+      attend_route=_jit_bound(_attend_route, graphdef, donate=(3,)),
+      peek_scores=_jit_bound(_peek_scores, graphdef),
+      gate_scores=_jit_bound(_gate_scores, graphdef),
+      finish=_jit_bound(_finish, graphdef, act),
+  )
+
+
 def _embed(graphdef, state, ids):
   return nnx.merge(graphdef, state).embed(ids)
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _last_logits(graphdef, state, h):
   return nnx.merge(graphdef, state).logits(h[:, -1:])[:, 0]
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _next_token_logprobs(graphdef, state, h, ids):
   """h `[B, T, D]`, ids `[B, T]` -> log p(ids[:, t+1] | ids[:, :t+1]) and argmax flags, both `[B, T-1]`."""
   logits = nnx.merge(graphdef, state).logits(h[:, :-1]).astype(jnp.float32)
@@ -90,14 +115,12 @@ def _next_token_logprobs(graphdef, state, h, ids):
   return logp, jnp.argmax(logits, axis=-1) == targets
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=(4,))
 def _attend_dense(graphdef, state, h, inputs, kv):
   layer = nnx.merge(graphdef, state)
   h, kv = layer.attend(h, inputs, kv)
   return layer.dense_ffn(h), kv
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=(4,))
 def _attend_route(graphdef, state, h, inputs, kv):
   layer = nnx.merge(graphdef, state)
   h, kv = layer.attend(h, inputs, kv)
@@ -105,7 +128,6 @@ def _attend_route(graphdef, state, h, inputs, kv):
   return h, x, layer.router_scores(x), kv
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _peek_scores(graphdef, state, h, inputs, kv):
   """Router scores of a layer for hidden states h, without keeping the cache write."""
   layer = nnx.merge(graphdef, state)
@@ -113,12 +135,10 @@ def _peek_scores(graphdef, state, h, inputs, kv):
   return layer.router_scores(layer.ffn_input(h))
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _gate_scores(graphdef, state, x):
   return nnx.merge(graphdef, state).router_scores(x)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
 def _finish(graphdef, act, state, h, x, buffers, slots, mix, extra):
   layer = nnx.merge(graphdef, state)
   routed = moe.routed_experts(x, buffers, slots, mix, act) + extra.astype(jnp.float32)
@@ -229,6 +249,10 @@ class Engine:
 
     self.layer_defs = [nnx.split(layer) for layer in model.decoder.layers]
     self.decoder_def = model.graphdef
+    self.fns = [_layer_fns(graphdef, config.hidden_act) for graphdef, _ in self.layer_defs]
+    self.embed_fn = _jit_bound(_embed, model.graphdef)
+    self.logits_fn = _jit_bound(_last_logits, model.graphdef)
+    self.logprobs_fn = _jit_bound(_next_token_logprobs, model.graphdef)
     self.decoder_state = model.state
     if self.spec.cache:
       self.store = HostExpertStore(model.experts, host_memory_kind)
@@ -245,7 +269,7 @@ class Engine:
     self.reset()
 
   @classmethod
-  def from_pretrained(cls, path, *, dtype="float32", **kwargs) -> "Engine":
+  def from_pretrained(cls, path, *, dtype="float32", **kwargs) -> Engine:
     """Loads a checkpoint with routed experts in host memory and builds an Engine."""
     from moejax.checkpoints.loader import load
 
@@ -312,7 +336,7 @@ class Engine:
   def _moe_layer(self, l, h, x, scores, valid, inputs, caches, run, prefetched, exact):
     """Runs the expert half of MoE layer l; returns (h, prefetched-for-next-layer or None)."""
     config, spec = self.config, self.spec
-    graphdef, lstate = self.layer_defs[l]
+    lstate = self.layer_defs[l][1]
     timings = {}
     t0 = time.perf_counter()
     bias = lstate["mlp"]["router"].get("bias")
@@ -324,7 +348,7 @@ class Engine:
       selected = moe.select_experts(config, scores, bias)
       mix = moe.combine_weights(config, jnp.take_along_axis(scores, selected, axis=-1))
       slots = jnp.where(valid[:, None], selected, -1)
-      h = _finish(graphdef, config.hidden_act, lstate, h, x, buffers, slots, mix, jnp.zeros(x.shape, jnp.float32))
+      h = self.fns[l].finish(lstate, h, x, buffers, slots, mix, jnp.zeros(x.shape, jnp.float32))
       sel = np.asarray(selected)[np.asarray(valid)]
       used = np.unique(sel)
       if self.record_routing:
@@ -377,7 +401,7 @@ class Engine:
         self.costs = balance.update_costs(self.costs, cpu_s=timings["cpu"], n_cpu=counts["cpu_experts"])
 
     t3 = time.perf_counter()
-    h = _finish(graphdef, config.hidden_act, lstate, h, x, self.buffers[l], d.slots, d.mix, extra)
+    h = self.fns[l].finish(lstate, h, x, self.buffers[l], d.slots, d.mix, extra)
     if self.profile:
       jax.block_until_ready(h)
       timings["experts"] = time.perf_counter() - t3
@@ -410,16 +434,16 @@ class Engine:
   def _start_prefetch(self, l, nxt, h, x, valid, inputs, caches, d, run):
     """Predicts layer nxt's scores and starts copying its predicted top-score experts."""
     spec, config = self.spec, self.config
-    graphdef, lstate = self.layer_defs[l]
-    ngraphdef, nstate = self.layer_defs[nxt]
+    lstate = self.layer_defs[l][1]
+    nstate = self.layer_defs[nxt][1]
     if spec.prefetch == "provisional":
       # Provisional output of layer l: shared experts + routed experts already on the device.
-      prov = _finish(graphdef, config.hidden_act, lstate, h, x, self.buffers[l], d.slots, d.mix,
+      prov = self.fns[l].finish(lstate, h, x, self.buffers[l], d.slots, d.mix,
                      jnp.zeros(x.shape, jnp.float32))
-      pred = _peek_scores(ngraphdef, nstate, prov, inputs, caches[nxt])
+      pred = self.fns[nxt].peek_scores(nstate, prov, inputs, caches[nxt])
       run.note_predictor_bytes(l, self.dense_bytes[nxt])
     elif spec.prefetch == "gate":
-      pred = _gate_scores(ngraphdef, nstate, x)
+      pred = self.fns[nxt].gate_scores(nstate, x)
     else:  # activation counts
       pred = jnp.zeros((x.shape[0], config.num_experts), jnp.float32)
     nbias = nstate["mlp"]["router"].get("bias")
@@ -447,21 +471,21 @@ class Engine:
     """Expert selection counts per MoE layer on a fully resident forward of the prompt."""
     b, t = ids.shape
     caches = self.model.init_caches(b, t)
-    h = _embed(self.decoder_def, self.decoder_state, ids)
+    h = self.embed_fn(self.decoder_state, ids)
     inputs = _attention_inputs(self.config, positions, valid, 0)
     counts = {}
     vflat = valid.reshape(-1)
-    for l, (graphdef, lstate) in enumerate(self.layer_defs):
+    for l, (_, lstate) in enumerate(self.layer_defs):
       if not self.config.moe_layers[l]:
-        h, caches[l] = _attend_dense(graphdef, lstate, h, inputs, caches[l])
+        h, caches[l] = self.fns[l].attend_dense(lstate, h, inputs, caches[l])
         continue
-      h, x, scores, caches[l] = _attend_route(graphdef, lstate, h, inputs, caches[l])
+      h, x, scores, caches[l] = self.fns[l].attend_route(lstate, h, inputs, caches[l])
       bias = lstate["mlp"]["router"].get("bias")
       selected = moe.select_experts(self.config, scores, None if bias is None else bias[...])
       counts[l] = np.bincount(np.asarray(selected)[np.asarray(vflat)].ravel(), minlength=self.config.num_experts)
       buffers = self.store.to_device(l, np.arange(self.config.num_experts))
       mix = moe.combine_weights(self.config, jnp.take_along_axis(scores, selected, axis=-1))
-      h = _finish(graphdef, self.config.hidden_act, lstate, h, x, buffers, selected, mix,
+      h = self.fns[l].finish(lstate, h, x, buffers, selected, mix,
                   jnp.zeros(x.shape, jnp.float32))
     return counts
 
@@ -474,26 +498,26 @@ class Engine:
     t0 = time.perf_counter()
     run.begin_step(kind, tokens=int(np.asarray(valid).sum()))
     exact = kind == "prefill" and not self.policy_in_prefill
-    h = _embed(self.decoder_def, self.decoder_state, ids)
+    h = self.embed_fn(self.decoder_state, ids)
     inputs = _attention_inputs(self.config, positions, valid, index)
     vflat = valid.reshape(-1)
     prefetched = None
-    for l, (graphdef, lstate) in enumerate(self.layer_defs):
+    for l, (_, lstate) in enumerate(self.layer_defs):
       if not self.config.moe_layers[l]:
-        h, caches[l] = _attend_dense(graphdef, lstate, h, inputs, caches[l])
+        h, caches[l] = self.fns[l].attend_dense(lstate, h, inputs, caches[l])
         run.add_layer_event(LayerEvent(layer=l, tokens=int(np.asarray(valid).sum()), dense_bytes=self.dense_bytes[l],
                                        expert_bytes=0), bytes_to_device=0, counts={})
         continue
       ta = time.perf_counter()
-      h, x, scores, caches[l] = _attend_route(graphdef, lstate, h, inputs, caches[l])
+      h, x, scores, caches[l] = self.fns[l].attend_route(lstate, h, inputs, caches[l])
       if self.profile:
         jax.block_until_ready(h)
         run.add_time("attention", time.perf_counter() - ta)
       h, prefetched = self._moe_layer(l, h, x, scores, vflat, inputs, caches, run, prefetched, exact)
     if score:
-      out = _next_token_logprobs(self.decoder_def, self.decoder_state, h, ids)
+      out = self.logprobs_fn(self.decoder_state, h, ids)
     else:
-      out = _last_logits(self.decoder_def, self.decoder_state, h)
+      out = self.logits_fn(self.decoder_state, h)
     out = jax.block_until_ready(out)
     run.end_step(time.perf_counter() - t0, head_bytes=self.head_bytes)
     return out
@@ -564,8 +588,9 @@ class Engine:
         emitted so far; returning True ends decoding early (fewer than N).
       run_stats: a `RunStats` to accumulate into across calls (default: a
         fresh one); `stats`, `trace` and `routing` then cover every call.
-      cache_length: KV cache rows, >= T + N (default T + N). Calls with
-        different T + N but one cache_length share the decode compilations.
+      cache_length: KV cache rows, >= T + N (default: T + N rounded up to a
+        power of two). Calls with different T + N but one cache_length share
+        the decode compilations.
 
     Returns:
       A `GenerationResult`.
@@ -586,7 +611,8 @@ class Engine:
     run = self.new_run_stats() if run_stats is None else run_stats
     if cache_length is not None and cache_length < t + max_new_tokens:
       raise ValueError(f"cache_length={cache_length} is below prompt + new tokens = {t + max_new_tokens}.")
-    caches = self.model.init_caches(b, cache_length or t + max_new_tokens)
+    # Bucketed cache length: calls of many sizes share the decode compilations.
+    caches = self.model.init_caches(b, cache_length or bucket(t + max_new_tokens))
     key = jax.random.PRNGKey(seed)
     logits = self._step(jnp.asarray(ids), positions, valid, 0, caches, run, "prefill")
     out, logps, greedy = [], [], []
@@ -598,9 +624,10 @@ class Engine:
       else:
         token = sampling.sample(logits, sub, temperature=temperature, top_p=top_p)
       logp = jax.nn.log_softmax(logits, axis=-1)
-      logps.append(np.asarray(jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]))
-      greedy.append(np.asarray(jnp.argmax(logits, -1) == token))
-      out.append(np.asarray(token))
+      # np.array copies: a zero-copy view would keep each step's device buffers alive.
+      logps.append(np.array(jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]))
+      greedy.append(np.array(jnp.argmax(logits, -1) == token))
+      out.append(np.array(token))
       if step == max_new_tokens - 1 or (stop is not None and stop(np.stack(out, 1))):
         break
       logits = self._step(token[:, None], next_pos, jnp.asarray(feed[:, step, None]), t + step, caches, run, "decode")
