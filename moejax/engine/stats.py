@@ -79,7 +79,7 @@ class RunStats:
     prefill step time (including compilation on a cold engine).
     """
     d = self.counts["decode"]
-    total = lambda name: int(d[name].sum()) if name in d else 0  # noqa: E731
+    total = lambda name: int(d[name].sum()) if name in d else 0
     decode = self.step_s["decode"]
     steady = decode[1:] if len(decode) > 1 else decode
     pairs = total("pairs")
