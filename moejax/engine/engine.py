@@ -468,26 +468,14 @@ class Engine:
     self.static_ready = True
 
   def _prefill_counts(self, ids, valid, positions) -> dict[int, np.ndarray]:
-    """Expert selection counts per MoE layer on a fully resident forward of the prompt."""
-    b, t = ids.shape
-    caches = self.model.init_caches(b, t)
-    h = self.embed_fn(self.decoder_state, ids)
-    inputs = _attention_inputs(self.config, positions, valid, 0)
-    counts = {}
-    vflat = valid.reshape(-1)
-    for l, (_, lstate) in enumerate(self.layer_defs):
-      if not self.config.moe_layers[l]:
-        h, caches[l] = self.fns[l].attend_dense(lstate, h, inputs, caches[l])
-        continue
-      h, x, scores, caches[l] = self.fns[l].attend_route(lstate, h, inputs, caches[l])
-      bias = lstate["mlp"]["router"].get("bias")
-      selected = moe.select_experts(self.config, scores, None if bias is None else bias[...])
-      counts[l] = np.bincount(np.asarray(selected)[np.asarray(vflat)].ravel(), minlength=self.config.num_experts)
-      buffers = self.store.to_device(l, np.arange(self.config.num_experts))
-      mix = moe.combine_weights(self.config, jnp.take_along_axis(scores, selected, axis=-1))
-      h = self.fns[l].finish(lstate, h, x, buffers, selected, mix,
-                  jnp.zeros(x.shape, jnp.float32))
-    return counts
+    """Expert selection counts `[E]` per MoE layer over the prompt's valid tokens (one prefill step)."""
+    run = self.new_run_stats()
+    record, self.record_routing = self.record_routing, True
+    try:
+      self._step(ids, positions, valid, 0, self.model.init_caches(*ids.shape), run, "prefill")
+    finally:
+      self.record_routing = record
+    return {l: np.bincount(sel.ravel(), minlength=self.config.num_experts) for l, sel in run.routing[0].items()}
 
   def _step(self, ids, positions, valid, index, caches, run, kind, score=False):
     """One forward step of T tokens per sequence.

@@ -40,7 +40,7 @@ GRID_FIELDS = ("out", "policies", "alphas", "alpha")
 def base_config() -> ml_collections.ConfigDict:
   """Fields of a speed / accuracy setup, with defaults (model must be set)."""
   c = ml_collections.ConfigDict()
-  c.model = ""  # HF checkpoint directory
+  c.model = moejax.default_model_path()  # HF checkpoint directory (default: the shipped model)
   c.tokenizer = ""  # default: the checkpoint's own
   c.dtype = "float32"
   c.engine = ml_collections.ConfigDict({
