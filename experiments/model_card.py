@@ -65,8 +65,10 @@ def parameter_counts(model: moejax.Model) -> dict[str, int]:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _chosen_experts(graphdef, state, experts, ids):
+  """Per MoE layer: chosen experts `[B, T, k]` and the router's per-token entropy `[B, T]` (nats)."""
   _, routing = forward(nnx.merge(graphdef, state), experts, ids)
-  return [r.experts.reshape(*ids.shape, -1) for r in routing]
+  entropy = [-(r.scores * jnp.log(jnp.maximum(r.scores, 1e-30))).sum(-1).reshape(ids.shape) for r in routing]
+  return [r.experts.reshape(*ids.shape, -1) for r in routing], entropy
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -79,7 +81,7 @@ def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 def heldout_metrics(path: str, model: moejax.Model, windows: np.ndarray, batch: int) -> dict:
   """Perplexities (moejax, transformers) and per-layer routing statistics over windows `[W, T + 1]`."""
   hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-  nll_ours, nll_hf, chosen = [], [], []
+  nll_ours, nll_hf, chosen, token_entropy = [], [], [], []
   experts = model.experts_on_device()
   for i in range(0, len(windows), batch):
     w = windows[i : i + batch]
@@ -87,13 +89,15 @@ def heldout_metrics(path: str, model: moejax.Model, windows: np.ndarray, batch: 
     nll_ours.append(_nll(np.asarray(model.forward(ids)), targets))
     with torch.no_grad():
       nll_hf.append(_nll(hf(torch.tensor(ids, dtype=torch.long)).logits.numpy(), targets))
-    layers = _chosen_experts(model.graphdef, model.state, experts, jnp.asarray(ids))
+    layers, entropy = _chosen_experts(model.graphdef, model.state, experts, jnp.asarray(ids))
     chosen.append(np.stack([np.asarray(e) for e in layers]))
+    token_entropy.append(np.stack([np.asarray(h) for h in entropy]))
   chosen = np.concatenate(chosen, axis=1)  # [L, W, T, k]
+  token_entropy = np.concatenate(token_entropy, axis=1)  # [L, W, T]
   c = model.config
   e, k = c.num_experts, c.num_experts_per_tok
   layers = []
-  for layer, sel in zip(c.moe_layer_ids, chosen):
+  for layer, sel, h in zip(c.moe_layer_ids, chosen, token_entropy):
     p = np.bincount(sel.reshape(-1), minlength=e) / sel.size
     entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())
     shared = (sel[:, 1:, :, None] == sel[:, :-1, None, :]).any(-1).sum(-1)  # [W, T-1] overlap with previous token
@@ -101,6 +105,8 @@ def heldout_metrics(path: str, model: moejax.Model, windows: np.ndarray, batch: 
         "layer": layer, "usage_entropy": entropy, "usage_entropy_over_log_e": entropy / np.log(e),
         "max_usage_share": float(p.max()), "unused_experts": int((p == 0).sum()),
         "temporal_reuse": float(shared.mean() / k),
+        # Usage is balanced by the auxiliary loss; specialisation shows in each token's router distribution.
+        "token_router_entropy_over_log_e": float(h.mean() / np.log(e)),
     })
   return {
       "tokens": int(windows[:, 1:].size),
