@@ -248,7 +248,6 @@ class Engine:
     self.window = window
 
     self.layer_defs = [nnx.split(layer) for layer in model.decoder.layers]
-    self.decoder_def = model.graphdef
     self.fns = [_layer_fns(graphdef, config.hidden_act) for graphdef, _ in self.layer_defs]
     self.embed_fn = _jit_bound(_embed, model.graphdef)
     self.logits_fn = _jit_bound(_last_logits, model.graphdef)
