@@ -6,8 +6,8 @@ baselines at alpha 0), decodes with stage timing on (`Engine(profile=True)`,
 which blocks between stages) and reports:
 - TPOT (median steady decode step), hit ratio, bytes copied, CPU experts;
 - the step split into attention, experts, copies, CPU compute, plan (the
-  jitted scheduler and its device->host fetch) and the remaining Python
-  overhead;
+  jitted scheduler and its device->host fetch), prefetch (the next layer's
+  predictor and its copies) and the remaining Python overhead;
 - the estimator's TPOT on the paper's edge GPUs from the same trace (labelled
   estimates, `moejax.sim`).
 
@@ -38,7 +38,7 @@ def run_policy(model, policy: str, slots: int, alpha: float, prompt: np.ndarray,
   step_s = float(np.median([t.wall_s for t in decode]))
   total = sum(t.wall_s for t in result.trace if t.kind == "decode")
   times = result.stats["times_s"]
-  split = {name: times.get(name, 0.0) / total for name in ("attention", "experts", "copy", "cpu", "plan")}
+  split = {name: times.get(name, 0.0) / total for name in ("attention", "experts", "copy", "cpu", "plan", "prefetch")}
   split["python_other"] = max(0.0, 1.0 - sum(split.values()))
   s = result.stats
   return {
@@ -76,7 +76,7 @@ def main():
       r = rows[-1]
       print(f"{policy:12s} slots={slots:3d} alpha={alpha:.1f} TPOT {r['tpot_s'] * 1e3:7.2f} ms  "
             f"hit {r['hit_ratio']:.3f}  MB copied {r['bytes_to_device'] / 1e6:7.1f}  cpu {r['cpu_experts']:4d}  "
-            f"plan {r['split']['plan']:.0%} python {r['split']['python_other']:.0%}", flush=True)
+            f"plan {r['split']['plan']:.0%} prefetch {r['split']['prefetch']:.0%} python {r['split']['python_other']:.0%}", flush=True)
   write_report("offload_speed", args.out, checkpoint="random Qwen2-MoE ~128M (benchmarks/common.py)",
                new_tokens=args.new_tokens, estimate_target_dtype_bytes=2, rows=rows)
 

@@ -187,8 +187,8 @@ class Engine:
     host_memory_kind: "numpy" or "pinned_host" for the host expert store.
     static_experts: `[L][S]` resident sets for the static policy (default:
       the most used experts of the first prompt).
-    profile: block after each stage to time attention, plan, copies, experts
-      and CPU work separately (slower; off by default).
+    profile: block after each stage to time attention, plan, copies, experts,
+      CPU work and prefetch separately (slower; off by default).
     record_routing: keep the experts computed per token, layer and step in
       `GenerationResult.routing` (for co-activation similarity and tests).
   """
@@ -387,7 +387,11 @@ class Engine:
     next_prefetched = None
     nxt = self._next_moe_layer(l)
     if spec.prefetch is not None and nxt is not None and self.states[nxt] is not None:
+      tp = time.perf_counter()
       next_prefetched = self._start_prefetch(l, nxt, h, x, valid, inputs, caches, d, run)
+      if self.profile:
+        jax.block_until_ready(self.buffers[nxt])
+        timings["prefetch"] = time.perf_counter() - tp
 
     extra = jnp.zeros(x.shape, jnp.float32)
     counts = dict(zip(COUNTERS, (int(c) for c in counters)))
