@@ -360,7 +360,7 @@ class Engine:
           counts={"pairs": sel.size, "pairs_hit": sel.size, "hits": len(used), "gpu_pairs": sel.size},
       )
       if exact and self.states.get(l) is not None:
-        self._warm_cache(l, scores, valid, selected)
+        self._warm_cache(l, scores, valid, selected, buffers)
       return h, None
 
     state = self.states[l]
@@ -422,13 +422,21 @@ class Engine:
     )
     return h, next_prefetched
 
-  def _warm_cache(self, l, scores, valid, selected) -> None:
-    """After an exact prefill: fill the layer's cache with the prompt's most important experts."""
+  def _warm_cache(self, l, scores, valid, selected, streamed: moe.ExpertWeights) -> None:
+    """After an exact prefill: fill the layer's cache with the prompt's most important experts.
+
+    The experts come from `streamed` `[E, ...]`, the copies the prefill just
+    made, so warming the cache moves nothing more across the host link.
+    """
     if self.spec.static:
       return
     self.states[l], adm = _warm_admit(self.spec.eviction or "score", self.states[l], scores, valid, selected)
     experts, slots = jax.device_get((adm.experts, adm.slots))
-    self._copy_in(l, experts, slots)
+    take = experts >= 0
+    if take.any():
+      chosen = jnp.asarray(experts[take])
+      self.buffers[l] = slot_cache.write_slots(self.buffers[l], slots[take],
+                                               moe.ExpertWeights(*(w[chosen] for w in streamed)))
 
   def _next_moe_layer(self, l: int) -> int | None:
     later = [m for m in self.config.moe_layer_ids if m > l]
