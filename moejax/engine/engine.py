@@ -344,8 +344,7 @@ class Engine:
       # Every expert streamed in (exact prefill; layerwise policy).
       e = config.num_experts
       buffers = self.buffers[l] if not spec.cache else self.store.to_device(l, np.arange(e))
-      selected = moe.select_experts(config, scores, bias)
-      mix = moe.combine_weights(config, jnp.take_along_axis(scores, selected, axis=-1))
+      selected, mix = moe.own_routing(config, scores, bias)
       slots = jnp.where(valid[:, None], selected, -1)
       h = self.fns[l].finish(lstate, h, x, buffers, slots, mix, jnp.zeros(x.shape, jnp.float32))
       sel = np.asarray(selected)[np.asarray(valid)]

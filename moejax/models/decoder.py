@@ -123,8 +123,7 @@ def moe_layer_resident(
   """MoE half of a layer with every routed expert available: h `[B, T, D]`."""
   x = layer.ffn_input(h)
   scores = layer.router_scores(x)
-  idx = moe.select_experts(config, scores, layer.mlp.router.selection_bias())
-  mix = moe.combine_weights(config, jnp.take_along_axis(scores, idx, axis=-1))
+  idx, mix = moe.own_routing(config, scores, layer.mlp.router.selection_bias())
   routed = moe.routed_experts(x, experts, idx, mix, config.hidden_act)
   return layer.finish_moe(h, x, routed)
 

@@ -94,6 +94,12 @@ def combine_weights(config: MoEConfig, gate_scores: jax.Array) -> jax.Array:
   return w * config.routed_scaling_factor
 
 
+def own_routing(config: MoEConfig, scores: jax.Array, bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """The model's own routing: expert ids `[N, k]` and their mixing weights `[N, k]` from scores `[N, E]`."""
+  idx = select_experts(config, scores, bias)
+  return idx, combine_weights(config, jnp.take_along_axis(scores, idx, axis=-1))
+
+
 def _expert_ffn(x, gate, up, down, act):
   return (activation(act)(x @ gate) * (x @ up)) @ down
 

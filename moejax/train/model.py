@@ -87,8 +87,7 @@ def forward(
       continue
     x = layer.ffn_input(h)
     scores = layer.router_scores(x)
-    idx = moe.select_experts(config, scores, layer.mlp.router.selection_bias())
-    mix = moe.combine_weights(config, jnp.take_along_axis(scores, idx, axis=-1))
+    idx, mix = moe.own_routing(config, scores, layer.mlp.router.selection_bias())
     h = layer.finish_moe(h, x, grouped_experts(x, w, idx, mix, config.hidden_act, block))
     routing.append(Routing(scores, idx))
   return decoder.logits(h), routing
