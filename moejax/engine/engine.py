@@ -1,12 +1,15 @@
-"""The decode engine: drives model, offload and scheduling one layer at a time.
+"""The decode engine: drives model, offload and scheduling one MoE layer at a time.
 
-Per step and MoE layer: attention and router run in one jitted call; the
-policy's jitted `schedule_layer` decides substitution, copies, eviction and
-CPU work; the engine issues the copies (`jax.device_put` into preallocated
-slots), runs missed pairs on the CPU if the policy says so, optionally starts
-the prefetch for the next MoE layer, and computes the experts from the slot
-buffers in a second jitted call. Everything that computes is jitted; the
-Python work per layer is one small device->host fetch of the decision.
+A forward step alternates device work and host work. The device work between
+two MoE layers is one jitted *segment* (`moejax.engine.stages`): the previous
+MoE layer's experts, read from its cache slots, then the next MoE layer's
+attention and router, the prefetch for it and the policy's scheduling
+decision (substitution, copies, eviction, CPU work). The host then reads one
+small int32 vector (the copy list and counters), starts the copies
+(`jax.device_put` into preallocated slots), runs missed pairs on the CPU if
+the policy says so, and calls the next segment. One jitted call and one
+device->host read per MoE layer; `profile=True` runs the same segment stage by
+stage and times each stage.
 
 With alpha = 0 every policy computes exactly the model's own experts, so the
 tokens equal the resident model's (tested for every policy and budget).
@@ -16,9 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +30,17 @@ import numpy as np
 from flax import nnx
 
 from moejax.engine import sampling
-from moejax.engine.schedule import COUNTERS, prefetch_layer, schedule_layer
+from moejax.engine.schedule import COUNTERS
+from moejax.engine.stages import (
+  Edges,
+  Plan,
+  SegmentModules,
+  SegmentOut,
+  StagedOps,
+  fused_segment,
+  segment,
+  split_module,
+)
 from moejax.engine.stats import RunStats
 from moejax.models import moe
 from moejax.models.layers import attention_inputs
@@ -61,90 +75,6 @@ class GenerationResult:
   routing: list[dict[int, np.ndarray]]
 
 
-# ----------------------------------------------------------------------------
-# Jitted stages (graphdefs are static; one compilation per distinct layer kind)
-# ----------------------------------------------------------------------------
-
-
-_attention_inputs = jax.jit(attention_inputs, static_argnums=0)
-
-
-@functools.cache
-def _jit_bound(fn, *static, donate: tuple[int, ...] = ()):
-  """`fn` jitted with its leading static arguments (graphdefs) bound.
-
-  Binding once per engine keeps the hashing of graphdefs out of every call;
-  the cache makes engines over equal graphdefs share compilations.
-  """
-  return jax.jit(functools.partial(fn, *static), donate_argnums=donate)
-
-
-class _LayerFns(NamedTuple):
-  """A layer's jitted stages, each called with the layer's state first."""
-
-  attend_dense: Callable
-  attend_route: Callable
-  peek_scores: Callable
-  gate_scores: Callable
-  finish: Callable
-
-
-def _layer_fns(graphdef, act: str) -> _LayerFns:
-  return _LayerFns(
-      attend_dense=_jit_bound(_attend_dense, graphdef, donate=(3,)),
-      attend_route=_jit_bound(_attend_route, graphdef, donate=(3,)),
-      peek_scores=_jit_bound(_peek_scores, graphdef),
-      gate_scores=_jit_bound(_gate_scores, graphdef),
-      finish=_jit_bound(_finish, graphdef, act),
-  )
-
-
-def _embed(graphdef, state, ids):
-  return nnx.merge(graphdef, state).embed(ids)
-
-
-def _last_logits(graphdef, state, h):
-  return nnx.merge(graphdef, state).logits(h[:, -1:])[:, 0]
-
-
-def _next_token_logprobs(graphdef, state, h, ids):
-  """h `[B, T, D]`, ids `[B, T]` -> log p(ids[:, t+1] | ids[:, :t+1]) and argmax flags, both `[B, T-1]`."""
-  logits = nnx.merge(graphdef, state).logits(h[:, :-1]).astype(jnp.float32)
-  targets = ids[:, 1:]
-  logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
-  return logp, jnp.argmax(logits, axis=-1) == targets
-
-
-def _attend_dense(graphdef, state, h, inputs, kv):
-  layer = nnx.merge(graphdef, state)
-  h, kv = layer.attend(h, inputs, kv)
-  return layer.dense_ffn(h), kv
-
-
-def _attend_route(graphdef, state, h, inputs, kv):
-  layer = nnx.merge(graphdef, state)
-  h, kv = layer.attend(h, inputs, kv)
-  x = layer.ffn_input(h)
-  return h, x, layer.router_scores(x), kv
-
-
-def _peek_scores(graphdef, state, h, inputs, kv):
-  """Router scores of a layer for hidden states h, without keeping the cache write."""
-  layer = nnx.merge(graphdef, state)
-  h, _ = layer.attend(h, inputs, kv)
-  return layer.router_scores(layer.ffn_input(h))
-
-
-def _gate_scores(graphdef, state, x):
-  return nnx.merge(graphdef, state).router_scores(x)
-
-
-def _finish(graphdef, act, state, h, x, buffers, slots, mix, extra):
-  layer = nnx.merge(graphdef, state)
-  routed = moe.routed_experts(x, buffers, slots, mix, act) + extra.astype(jnp.float32)
-  return layer.finish_moe(h, x, routed.astype(x.dtype))
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _warm_admit(policy, state, scores, valid, selected):
   """Admits the experts a prompt used (`selected` `[N, k]`), most important first; returns (state, admission)."""
@@ -156,8 +86,16 @@ def _warm_admit(policy, state, scores, valid, selected):
   return cache.observe(state, scores, used, valid), adm
 
 
-_schedule = jax.jit(schedule_layer, static_argnums=(0, 1, 2))
-_prefetch = jax.jit(prefetch_layer, static_argnums=(0, 1))
+@functools.partial(jax.jit, static_argnames=("temperature", "top_p"))
+def _emit(logits, key, forced, *, temperature, top_p):
+  """Picks the next tokens `[B]` (forced, or sampled from logits `[B, V]`); returns (token, logp, greedy, key)."""
+  key, sub = jax.random.split(key)
+  token = forced if forced is not None else sampling.sample(logits, sub, temperature=temperature, top_p=top_p)
+  logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+  return token, logp, jnp.argmax(logits, axis=-1) == token, key
+
+
+_attention_inputs = jax.jit(attention_inputs, static_argnums=0)
 
 
 def _tree_nbytes(tree) -> int:
@@ -247,12 +185,19 @@ class Engine:
     self.num_slots = slots
     self.window = window
 
-    self.layer_defs = [nnx.split(layer) for layer in model.decoder.layers]
-    self.fns = [_layer_fns(graphdef, config.hidden_act) for graphdef, _ in self.layer_defs]
-    self.embed_fn = _jit_bound(_embed, model.graphdef)
-    self.logits_fn = _jit_bound(_last_logits, model.graphdef)
-    self.logprobs_fn = _jit_bound(_next_token_logprobs, model.graphdef)
-    self.decoder_state = model.state
+    self.layer_mods = [split_module(layer) for layer in model.decoder.layers]
+    self.edges = split_module(Edges(model.decoder))
+    # Segment i runs from MoE layer prev (None: the embedding) through the dense layers in between to MoE layer
+    # next (None: the output head); see `moejax.engine.stages`.
+    moe_ids = list(config.moe_layer_ids)
+    bounds = [None, *moe_ids, None]
+    self.segments = []
+    for prev, nxt in itertools.pairwise(bounds):
+      lo = 0 if prev is None else prev + 1
+      hi = config.num_layers if nxt is None else nxt
+      self.segments.append((prev, tuple(range(lo, hi)), nxt))
+    self._next_moe = dict(itertools.pairwise(moe_ids))
+    self._jits: dict[tuple, Callable] = {}  # this engine's jitted segments / stages, freed with it
     if self.spec.cache:
       self.store = HostExpertStore(model.experts, host_memory_kind)
     else:
@@ -260,7 +205,7 @@ class Engine:
       self.resident_experts = model.experts_on_device()
     self.sim = self._similarity(similarity)
     self.static_experts = static_experts
-    self.dense_bytes = [_tree_nbytes(st) for _, st in self.layer_defs]  # routed experts are not in the module
+    self.dense_bytes = [_tree_nbytes(leaves) for _, leaves in self.layer_mods]  # routed experts are not in the module
     self.expert_bytes = [
         config.expert_param_count() * dtype_bytes if config.moe_layers[i] else 0 for i in range(config.num_layers)
     ]
@@ -282,8 +227,8 @@ class Engine:
     if self.spec.substitution not in ("similarity", "buddy"):
       return {}
     if sim is None:
-      sim = {l: similarity_lib.router_cosine(self.layer_defs[l][1]["mlp"]["router"]["weight"][...].T)
-             for l in self.config.moe_layer_ids}
+      layers = self.model.decoder.layers
+      sim = {l: similarity_lib.router_cosine(layers[l].mlp.router.weight[...].T) for l in self.config.moe_layer_ids}
       return sim
     sim = np.asarray(sim, np.float32)
     if sim.ndim == 2:
@@ -324,104 +269,87 @@ class Engine:
                                                self.store.to_device(l, experts))
 
   # --------------------------------------------------------------------------
-  # One MoE layer
+  # Host work between segments
   # --------------------------------------------------------------------------
 
-  def _copy_in(self, l: int, experts: np.ndarray, slots: np.ndarray) -> None:
+  def _copy_in(self, l: int, experts: np.ndarray, slots: np.ndarray) -> int:
+    """Starts copying `experts` (-1 padded) into `slots` of layer l; returns how many."""
     take = experts >= 0
     if take.any():
       self.buffers[l] = slot_cache.write_slots(self.buffers[l], slots[take], self.store.to_device(l, experts[take]))
+    return int(take.sum())
 
-  def _moe_layer(self, l, h, x, scores, valid, inputs, caches, run, prefetched, exact):
-    """Runs the expert half of MoE layer l; returns (h, prefetched-for-next-layer or None)."""
+  def _timed_copy_in(self, l, experts, slots, timings, blocking) -> tuple[int, float]:
+    """`_copy_in`, blocked on and timed (into timings["copy"]) when `blocking`; returns (copies, seconds)."""
+    t = time.perf_counter()
+    n = self._copy_in(l, experts, slots)
+    if not (n and blocking):
+      return n, 0.0
+    jax.block_until_ready(self.buffers[l])
+    dt = time.perf_counter() - t
+    timings["copy"] = timings.get("copy", 0.0) + dt
+    return n, dt
+
+  def _after_plan(self, l, out: SegmentOut, vflat, n_tokens, run, predictor: bool):
+    """Host work once layer l is planned: copies, CPU experts, stats; returns (buffers, extra `[N, D]` or None)."""
     config, spec = self.config, self.spec
-    lstate = self.layer_defs[l][1]
+    d = out.decision
     timings = {}
-    t0 = time.perf_counter()
-    bias = lstate["mlp"]["router"].get("bias")
-    bias = None if bias is None else bias[...]
-    if exact or spec.layerwise:
-      # Every expert streamed in (exact prefill; layerwise policy).
-      e = config.num_experts
-      buffers = self.buffers[l] if not spec.cache else self.store.to_device(l, np.arange(e))
-      selected, mix = moe.own_routing(config, scores, bias)
-      slots = jnp.where(valid[:, None], selected, -1)
-      h = self.fns[l].finish(lstate, h, x, buffers, slots, mix, jnp.zeros(x.shape, jnp.float32))
-      sel = np.asarray(selected)[np.asarray(valid)]
-      used = np.unique(sel)
-      if self.record_routing:
-        run.record_routing(l, sel)
-      run.add_layer_event(
-          LayerEvent(layer=l, tokens=int(np.asarray(valid).sum()), dense_bytes=self.dense_bytes[l],
-                     expert_bytes=self.expert_bytes[l], hits=len(used),
-                     layerwise_loads=e if spec.cache else 0, gpu_pairs=sel.size, cpu_pairs=0),
-          bytes_to_device=e * self.expert_bytes[l] if spec.cache else 0,
-          counts={"pairs": sel.size, "pairs_hit": sel.size, "hits": len(used), "gpu_pairs": sel.size},
-      )
-      if exact and self.states.get(l) is not None:
-        self._warm_cache(l, scores, valid, selected, buffers)
-      return h, None
-
-    state = self.states[l]
-    sim = self.sim.get(l)
-    if prefetched is None:
-      prefetched = jnp.zeros(config.num_experts, bool)
-    d = _schedule(config, self._jit_spec, self.substitute_weight, scores, valid, state, self.costs, self.alpha, sim, bias,
-                  prefetched, self.prior_strength)
-    self.states[l] = d.state
-    loads, load_slots, counters = jax.device_get((d.loads, d.load_slots, d.counters))
-    if self.record_routing:
-      run.record_routing(l, np.asarray(d.experts)[np.asarray(valid)])
-    timings["plan"] = time.perf_counter() - t0
-
-    t1 = time.perf_counter()
-    self._copy_in(l, loads, load_slots)
-    n_loads = int((loads >= 0).sum())
-    if n_loads and (self.profile or spec.balance):
-      jax.block_until_ready(self.buffers[l])
-      timings["copy"] = time.perf_counter() - t1
-      self.costs = balance.update_costs(self.costs, load_s=timings["copy"], n_load=n_loads)
-
-    # Prefetch for the next MoE layer, overlapping this layer's expert compute.
-    next_prefetched = None
-    nxt = self._next_moe_layer(l)
-    if spec.prefetch is not None and nxt is not None and self.states[nxt] is not None:
-      tp = time.perf_counter()
-      next_prefetched = self._start_prefetch(l, nxt, h, x, valid, inputs, caches, d, run)
-      if self.profile:
-        jax.block_until_ready(self.buffers[nxt])
-        timings["prefetch"] = time.perf_counter() - tp
-
-    extra = jnp.zeros(x.shape, jnp.float32)
-    counts = dict(zip(COUNTERS, (int(c) for c in counters)))
+    blocking = self.profile or spec.balance
+    host = np.asarray(out.host)
+    m, c = d.loads.shape[0], len(COUNTERS)
+    loads, load_slots, counters = host[:m], host[m : 2 * m], host[2 * m : 2 * m + c]
+    if out.prefetch is not None:  # copies of the prefetch for this layer (admitted before its plan)
+      p = out.prefetch.experts.shape[0]
+      pf = host[2 * m + c :]
+      n, _ = self._timed_copy_in(l, pf[:p], pf[p:], timings, blocking)
+      run.add_prefetch_bytes(l, n * self.expert_bytes[l])
+    n_loads, dt = self._timed_copy_in(l, loads, load_slots, timings, blocking)
+    if n_loads and spec.balance:
+      self.costs = balance.update_costs(self.costs, load_s=dt, n_load=n_loads)
+    counts = dict(zip(COUNTERS, counters.tolist()))
+    extra = None
     if counts["cpu_pairs"]:
-      t2 = time.perf_counter()
-      experts, mix, on_cpu, x_host = jax.device_get((d.experts, d.mix, d.on_cpu, x))
+      t = time.perf_counter()
+      experts, mix, on_cpu, x_host = jax.device_get((d.experts, d.mix, d.on_cpu, out.x))
       extra = jnp.asarray(cpu_experts(x_host, self.store.layers[l], experts, mix, on_cpu, config.hidden_act))
-      timings["cpu"] = time.perf_counter() - t2
+      timings["cpu"] = time.perf_counter() - t
       if spec.balance:
         self.costs = balance.update_costs(self.costs, cpu_s=timings["cpu"], n_cpu=counts["cpu_experts"])
-
-    t3 = time.perf_counter()
-    h = self.fns[l].finish(lstate, h, x, self.buffers[l], d.slots, d.mix, extra)
-    if self.profile:
-      jax.block_until_ready(h)
-      timings["experts"] = time.perf_counter() - t3
+    if self.record_routing:
+      run.record_routing(l, np.asarray(d.experts)[vflat])
     run.add_layer_event(
         LayerEvent(
-            layer=l, tokens=int(np.asarray(valid).sum()), dense_bytes=self.dense_bytes[l],
-            expert_bytes=self.expert_bytes[l], hits=counts["hits"], demand_loads=counts["demand_loads"],
-            prefetch_loads=counts["prefetched"], prefetch_used=counts["prefetch_used"],
-            cpu_experts=counts["cpu_experts"], substituted=counts["substituted"],
-            gpu_pairs=counts["gpu_pairs"], cpu_pairs=counts["cpu_pairs"], measured=timings,
-            predictor_bytes=run.pending_predictor_bytes(l),
+            layer=l, tokens=n_tokens, dense_bytes=self.dense_bytes[l], expert_bytes=self.expert_bytes[l],
+            hits=counts["hits"], demand_loads=counts["demand_loads"], prefetch_loads=counts["prefetched"],
+            prefetch_used=counts["prefetch_used"], cpu_experts=counts["cpu_experts"],
+            substituted=counts["substituted"], gpu_pairs=counts["gpu_pairs"], cpu_pairs=counts["cpu_pairs"],
+            measured=timings, predictor_bytes=self.dense_bytes[self._next_moe[l]] if predictor else 0,
         ),
         bytes_to_device=n_loads * self.expert_bytes[l],
         counts=counts,
     )
-    return h, next_prefetched
+    return self.buffers[l], extra
 
-  def _warm_cache(self, l, scores, valid, selected, streamed: moe.ExpertWeights) -> None:
+  def _after_exact_plan(self, l, out: SegmentOut, vflat, n_tokens, run, warm: bool) -> moe.ExpertWeights:
+    """Layer l computes its own experts with all of them on the device (streamed in); returns the buffers."""
+    spec, e = self.spec, self.config.num_experts
+    buffers = self.store.to_device(l, np.arange(e)) if spec.cache else self.buffers[l]
+    sel = np.asarray(out.decision.experts)[vflat]
+    used = np.unique(sel)
+    if self.record_routing:
+      run.record_routing(l, sel)
+    run.add_layer_event(
+        LayerEvent(layer=l, tokens=n_tokens, dense_bytes=self.dense_bytes[l], expert_bytes=self.expert_bytes[l],
+                   hits=len(used), layerwise_loads=e if spec.cache else 0, gpu_pairs=sel.size, cpu_pairs=0),
+        bytes_to_device=e * self.expert_bytes[l] if spec.cache else 0,
+        counts={"pairs": sel.size, "pairs_hit": sel.size, "hits": len(used), "gpu_pairs": sel.size},
+    )
+    if warm and self.states.get(l) is not None:
+      self._warm_cache(l, out.scores, out.decision, buffers)
+    return buffers
+
+  def _warm_cache(self, l, scores, decision, streamed: moe.ExpertWeights) -> None:
     """After an exact prefill: fill the layer's cache with the prompt's most important experts.
 
     The experts come from `streamed` `[E, ...]`, the copies the prefill just
@@ -429,7 +357,9 @@ class Engine:
     """
     if self.spec.static:
       return
-    self.states[l], adm = _warm_admit(self.spec.eviction or "score", self.states[l], scores, valid, selected)
+    valid = decision.slots[:, 0] >= 0
+    self.states[l], adm = _warm_admit(self.spec.eviction or "score", self.states[l], scores, valid,
+                                      decision.experts)
     experts, slots = jax.device_get((adm.experts, adm.slots))
     take = experts >= 0
     if take.any():
@@ -437,37 +367,42 @@ class Engine:
       self.buffers[l] = slot_cache.write_slots(self.buffers[l], slots[take],
                                                moe.ExpertWeights(*(w[chosen] for w in streamed)))
 
-  def _next_moe_layer(self, l: int) -> int | None:
-    later = [m for m in self.config.moe_layer_ids if m > l]
-    return later[0] if later else None
-
-  def _start_prefetch(self, l, nxt, h, x, valid, inputs, caches, d, run):
-    """Predicts layer nxt's scores and starts copying its predicted top-score experts."""
-    spec, config = self.spec, self.config
-    lstate = self.layer_defs[l][1]
-    nstate = self.layer_defs[nxt][1]
-    if spec.prefetch == "provisional":
-      # Provisional output of layer l: shared experts + routed experts already on the device.
-      prov = self.fns[l].finish(lstate, h, x, self.buffers[l], d.slots, d.mix,
-                     jnp.zeros(x.shape, jnp.float32))
-      pred = self.fns[nxt].peek_scores(nstate, prov, inputs, caches[nxt])
-      run.note_predictor_bytes(l, self.dense_bytes[nxt])
-    elif spec.prefetch == "gate":
-      pred = self.fns[nxt].gate_scores(nstate, x)
-    else:  # activation counts
-      pred = jnp.zeros((x.shape[0], config.num_experts), jnp.float32)
-    nbias = nstate["mlp"]["router"].get("bias")
-    nbias = None if nbias is None else nbias[...]
-    state, adm, prefetched = _prefetch(config, self._jit_spec, pred, valid, self.states[nxt], self.alpha, nbias)
-    self.states[nxt] = state
-    experts, slots = jax.device_get((adm.experts, adm.slots))
-    self._copy_in(nxt, experts, slots)
-    run.add_prefetch_bytes(nxt, int((experts >= 0).sum()) * self.expert_bytes[nxt])
-    return prefetched
-
   # --------------------------------------------------------------------------
   # Steps and generation
   # --------------------------------------------------------------------------
+
+  def _segment_plan(self, i: int, exact: bool, score: bool) -> Plan:
+    prev, dense, nxt = self.segments[i]
+    prefetch = self.spec.prefetch
+    if exact or prev is None or nxt is None or self.states.get(nxt) is None:
+      prefetch = None
+    return Plan(self.config, self._jit_spec, self.substitute_weight, prev is not None, len(dense), nxt is not None,
+                prefetch, exact, score)
+
+  def _run_segment(self, i, exact, score, carry, ids, inputs, kvs, vflat, run) -> SegmentOut:
+    """Segment i of the step (see `moejax.engine.stages`): fused into one jit, or staged and timed with profile."""
+    prev, dense, nxt = self.segments[i]
+    plan = self._segment_plan(i, exact, score)
+    args = (*carry, ids, inputs, kvs, self.states.get(nxt), self.costs, self.alpha, self.sim.get(nxt), vflat,
+            self.prior_strength)
+    mods = SegmentModules(
+        None if prev is None else self.layer_mods[prev],
+        tuple(self.layer_mods[l] for l in dense),
+        None if nxt is None else self.layer_mods[nxt],
+        self.edges if prev is None or nxt is None else None,
+    )
+    if self.profile:
+      return segment(StagedOps(plan, self.config.hidden_act, mods, self._jits, timer=run.add_time), plan, *args)
+    fn = self._jits.get((i, plan))
+    if fn is None:
+      one = lambda m: None if m is None else m[0]
+      defs = (one(mods.prev), tuple(d for d, _ in mods.dense), one(mods.next), one(mods.edges))
+      if (plan, defs) not in self._jits:  # equal segments (layers of one structure) share one compilation
+        self._jits[plan, defs] = fused_segment(plan, self.config.hidden_act, defs)
+      fn = self._jits[i, plan] = self._jits[plan, defs]
+    leaves = tuple(None if m is None else m[1] for m in (mods.prev, mods.next, mods.edges))
+    leaves = (leaves[0], [lv for _, lv in mods.dense], leaves[1], leaves[2])
+    return fn(leaves, *args)
 
   def _maybe_calibrate_static(self, ids, valid, positions) -> None:
     """Static policy without given sets: keep each layer's most used experts of this prompt."""
@@ -490,48 +425,55 @@ class Engine:
   def _step(self, ids, positions, valid, index, caches, run, kind, score=False):
     """One forward step of T tokens per sequence.
 
+    Args:
+      ids: `[B, T]` int32; positions: `[B, T]` rotary positions; valid:
+        `[B, T]` numpy bool (False: padding); index: cache row of the first token.
+
     Returns last-position logits `[B, V]`, or with `score` the next-token
     log-probabilities and argmax flags of the step's own tokens (`[B, T-1]` each).
     """
     t0 = time.perf_counter()
-    run.begin_step(kind, tokens=int(np.asarray(valid).sum()))
-    exact = kind == "prefill" and not self.policy_in_prefill
-    h = self.embed_fn(self.decoder_state, ids)
-    inputs = _attention_inputs(self.config, positions, valid, index)
-    vflat = valid.reshape(-1)
-    prefetched = None
-    for l, (_, lstate) in enumerate(self.layer_defs):
-      if not self.config.moe_layers[l]:
-        h, caches[l] = self.fns[l].attend_dense(lstate, h, inputs, caches[l])
-        run.add_layer_event(LayerEvent(layer=l, tokens=int(np.asarray(valid).sum()), dense_bytes=self.dense_bytes[l],
-                                       expert_bytes=0), bytes_to_device=0, counts={})
-        continue
-      ta = time.perf_counter()
-      h, x, scores, caches[l] = self.fns[l].attend_route(lstate, h, inputs, caches[l])
-      if self.profile:
-        jax.block_until_ready(h)
-        run.add_time("attention", time.perf_counter() - ta)
-      h, prefetched = self._moe_layer(l, h, x, scores, vflat, inputs, caches, run, prefetched, exact)
-    if score:
-      out = self.logprobs_fn(self.decoder_state, h, ids)
-    else:
-      out = self.logits_fn(self.decoder_state, h)
-    out = jax.block_until_ready(out)
+    n_tokens = int(valid.sum())
+    run.begin_step(kind, tokens=n_tokens)
+    exact = (kind == "prefill" and not self.policy_in_prefill) or self.spec.layerwise
+    vflat_host = valid.reshape(-1)
+    vflat = jnp.asarray(vflat_host)
+    inputs = _attention_inputs(self.config, positions, jnp.asarray(valid), index)
+    carry = (None,) * 6  # h, x, buffers, slots, mix, extra of the MoE layer whose experts start the next segment
+    for i, (prev, dense, nxt) in enumerate(self.segments):
+      layers = dense + (() if nxt is None else (nxt,))
+      out = self._run_segment(i, exact, score, carry, ids, inputs, [caches[l] for l in layers], vflat, run)
+      for l, kv in zip(layers, out.kvs):
+        caches[l] = kv
+      for l in dense:
+        run.add_layer_event(LayerEvent(layer=l, tokens=n_tokens, dense_bytes=self.dense_bytes[l], expert_bytes=0),
+                            bytes_to_device=0, counts={})
+      if nxt is None:
+        result = jax.block_until_ready(out.out)
+        break
+      d = out.decision
+      self.states[nxt] = d.state
+      if exact:
+        buffers = self._after_exact_plan(nxt, out, vflat_host, n_tokens, run, warm=not self.spec.layerwise)
+        extra = None
+      else:
+        predictor = self._segment_plan(i + 1, exact, score).prefetch == "provisional"
+        buffers, extra = self._after_plan(nxt, out, vflat_host, n_tokens, run, predictor)
+      carry = (out.h, out.x, buffers, d.slots, d.mix, extra)
     run.end_step(time.perf_counter() - t0, head_bytes=self.head_bytes)
-    return out
+    return result
 
   def new_run_stats(self) -> RunStats:
     """An empty `RunStats` for this engine, to accumulate several calls (`run_stats=`) into."""
     return RunStats(self.config, dtype_bytes=jnp.dtype(self.model.dtype).itemsize)
 
-  def _prompt(self, input_ids, attention_mask) -> tuple[np.ndarray, jax.Array, jax.Array]:
-    """(ids `[B, T]` int32, valid `[B, T]`, rotary positions `[B, T]`) of a left-padded batch."""
+  def _prompt(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids `[B, T]` int32, valid `[B, T]` bool, rotary positions `[B, T]`) of a left-padded batch, on the host."""
     ids = np.asarray(input_ids, np.int32)
     if ids.ndim != 2:
       raise ValueError(f"input_ids must be [batch, tokens], got shape {ids.shape}.")
-    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    valid = jnp.asarray(mask)
-    return ids, valid, prompt_positions(valid)
+    valid = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    return ids, valid, np.asarray(prompt_positions(jnp.asarray(valid)))
 
   def score(self, input_ids, attention_mask=None, *, run_stats: RunStats | None = None):
     """Scores a batch in one prefill step (exact unless `policy_in_prefill`).
@@ -547,10 +489,10 @@ class Engine:
       whose target is padding are meaningless.
     """
     ids, valid, positions = self._prompt(input_ids, attention_mask)
-    self._maybe_calibrate_static(jnp.asarray(ids), valid, positions)
+    self._maybe_calibrate_static(ids, valid, positions)
     run = self.new_run_stats() if run_stats is None else run_stats
     caches = self.model.init_caches(*ids.shape)
-    logp, greedy = self._step(jnp.asarray(ids), positions, valid, 0, caches, run, "prefill", score=True)
+    logp, greedy = self._step(ids, positions, valid, 0, caches, run, "prefill", score=True)
     return np.asarray(logp), np.asarray(greedy)
 
   def generate(
@@ -605,31 +547,27 @@ class Engine:
       if forced_tokens is None or forced_mask.shape != forced_tokens.shape:
         raise ValueError("forced_mask needs forced_tokens of the same shape [B, N].")
       feed[:, :-1] = forced_mask[:, 1:]
-    self._maybe_calibrate_static(jnp.asarray(ids), valid, positions)
+    if temperature < 0 or not 0 < top_p <= 1:
+      raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}.")
+    self._maybe_calibrate_static(ids, valid, positions)
     run = self.new_run_stats() if run_stats is None else run_stats
     if cache_length is not None and cache_length < t + max_new_tokens:
       raise ValueError(f"cache_length={cache_length} is below prompt + new tokens = {t + max_new_tokens}.")
     # Bucketed cache length: calls of many sizes share the decode compilations.
     caches = self.model.init_caches(b, cache_length or bucket(t + max_new_tokens))
     key = jax.random.PRNGKey(seed)
-    logits = self._step(jnp.asarray(ids), positions, valid, 0, caches, run, "prefill")
+    logits = self._step(ids, positions, valid, 0, caches, run, "prefill")
     out, logps, greedy = [], [], []
-    next_pos = positions[:, -1:] + 1
     for step in range(max_new_tokens):
-      key, sub = jax.random.split(key)
-      if forced_tokens is not None:
-        token = jnp.asarray(forced_tokens[:, step])
-      else:
-        token = sampling.sample(logits, sub, temperature=temperature, top_p=top_p)
-      logp = jax.nn.log_softmax(logits, axis=-1)
+      forced = None if forced_tokens is None else forced_tokens[:, step]
+      token, logp, is_greedy, key = _emit(logits, key, forced, temperature=temperature, top_p=top_p)
       # np.array copies: a zero-copy view would keep each step's device buffers alive.
-      logps.append(np.array(jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]))
-      greedy.append(np.array(jnp.argmax(logits, -1) == token))
-      out.append(np.array(token))
+      for acc, a in zip((out, logps, greedy), (token, logp, is_greedy)):
+        acc.append(np.array(a))
       if step == max_new_tokens - 1 or (stop is not None and stop(np.stack(out, 1))):
         break
-      logits = self._step(token[:, None], next_pos, jnp.asarray(feed[:, step, None]), t + step, caches, run, "decode")
-      next_pos = next_pos + 1
+      logits = self._step(token[:, None], positions[:, -1:] + 1 + step, feed[:, step, None], t + step, caches, run,
+                          "decode")
     gen = np.stack(out, 1) if out else np.zeros((b, 0), np.int32)
     return GenerationResult(
         tokens=np.concatenate([ids, gen.astype(np.int32)], axis=1),

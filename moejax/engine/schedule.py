@@ -172,6 +172,22 @@ def schedule_layer(
   return LayerDecision(plan.experts, mix, slots, on_cpu, loads, load_slots, state, counters)
 
 
+def schedule_exact(config: MoEConfig, scores: jax.Array, valid: jax.Array, state: cache.CacheState | None,
+                   bias: jax.Array | None) -> LayerDecision:
+  """The model's own routing with every expert of the layer on the device (slot = expert id).
+
+  For steps that stream a whole layer in (exact prefill, layerwise policy):
+  nothing is substituted, loaded into the cache or computed on the CPU, and
+  the cache state passes through unchanged. Counters are zeros; the engine
+  counts these layers from the selected experts.
+  """
+  selected, mix = moe.own_routing(config, scores, bias)
+  none = jnp.full(1, -1, jnp.int32)
+  slots = jnp.where(valid[:, None], selected, -1)
+  return LayerDecision(selected, mix, slots, jnp.zeros(slots.shape, bool), none, none, state,
+                       jnp.zeros(len(COUNTERS), jnp.int32))
+
+
 def prefetch_layer(
     config: MoEConfig,
     spec: PolicySpec,

@@ -26,9 +26,8 @@ class RunStats:
     self.step_s = collections.defaultdict(list)
     self.counts = {kind: collections.defaultdict(lambda: np.zeros(config.num_layers, np.int64))
                    for kind in ("prefill", "decode")}
-    self.times = collections.defaultdict(float)
+    self.times = {kind: collections.defaultdict(float) for kind in ("prefill", "decode")}
     self._events: list[LayerEvent] = []
-    self._predictor_bytes: dict[int, int] = {}
     self._kind = "prefill"
     self._tokens = 0
     self.routing: list[dict[int, np.ndarray]] = []  # per step: layer -> experts computed [N_valid, k]
@@ -43,7 +42,7 @@ class RunStats:
     for name, value in counts.items():
       c[name][event.layer] += value
     for name, seconds in event.measured.items():
-      self.times[name] += seconds
+      self.times[self._kind][name] += seconds
 
   def record_routing(self, layer: int, experts: np.ndarray) -> None:
     """Keeps the experts computed per valid token `[N_valid, k]` of `layer` this step."""
@@ -56,13 +55,8 @@ class RunStats:
     self.counts[self._kind]["prefetch_bytes"][layer] += n
 
   def add_time(self, name: str, seconds: float) -> None:
-    self.times[name] += seconds
-
-  def note_predictor_bytes(self, layer: int, n: int) -> None:
-    self._predictor_bytes[layer] = n
-
-  def pending_predictor_bytes(self, layer: int) -> int:
-    return self._predictor_bytes.pop(layer, 0)
+    """Adds measured seconds of a named stage to the current step kind."""
+    self.times[self._kind][name] += seconds
 
   def end_step(self, wall_s: float, head_bytes: int) -> None:
     self.step_s[self._kind].append(wall_s)
@@ -76,7 +70,9 @@ class RunStats:
 
     tpot_s is the mean decode step time excluding the first decode step
     (which includes compilation) when there are at least two; ttft_s is the
-    prefill step time (including compilation on a cold engine).
+    prefill step time (including compilation on a cold engine); times_s holds
+    the seconds measured per stage name over decode steps (stage timing needs
+    `Engine(profile=True)`; copies and CPU work are timed when blocking anyway).
     """
     d = self.counts["decode"]
     total = lambda name: int(d[name].sum()) if name in d else 0
@@ -102,7 +98,7 @@ class RunStats:
         "prefetch_loads": prefetched,
         "prefetch_accuracy_top": total("prefetched_top") / prefetched if prefetched else float("nan"),
         "prefetch_accuracy_selected": total("prefetched_selected") / prefetched if prefetched else float("nan"),
-        "times_s": dict(self.times),
+        "times_s": dict(self.times["decode"]),
         "per_layer": {name: d[name].tolist() for name in sorted(d)},
     }
     return out

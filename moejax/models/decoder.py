@@ -74,6 +74,13 @@ class DecoderLayer(nnx.Module):
     return h + y.reshape(h.shape).astype(h.dtype)
 
 
+def lm_logits(norm: RMSNorm, lm_head: Linear | None, embed_table: jax.Array, h: jax.Array) -> jax.Array:
+  """Final norm and LM head: h `[B, T, D]` -> logits `[B, T, V]` float32 (tied to the embedding without a head)."""
+  h = norm(h)
+  out = h @ embed_table.T if lm_head is None else lm_head(h)
+  return out.astype(jnp.float32)
+
+
 class Decoder(nnx.Module):
   """Embedding, decoder layers, final norm and LM head (routed experts excluded)."""
 
@@ -94,12 +101,7 @@ class Decoder(nnx.Module):
 
   def logits(self, h: jax.Array) -> jax.Array:
     """h `[B, T, D]` -> logits `[B, T, V]` float32."""
-    h = self.norm(h)
-    if self.lm_head is None:
-      out = h @ self.embed_tokens[...].T
-    else:
-      out = self.lm_head(h)
-    return out.astype(jnp.float32)
+    return lm_logits(self.norm, self.lm_head, self.embed_tokens[...], h)
 
   def init_caches(self, batch: int, max_len: int, dtype=None) -> list[KVCache]:
     """Empty KV caches, one per layer, `max_len` rows each."""
