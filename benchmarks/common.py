@@ -45,7 +45,7 @@ def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
   return nbytes / best
 
 
-def write_report(name: str, path: str, **fields) -> dict:
+def write_report(name: str, path: str, extra_versions: dict | None = None, **fields) -> dict:
   """Writes a benchmark's JSON with date, machine and versions; returns it."""
   import jax
 
@@ -54,7 +54,7 @@ def write_report(name: str, path: str, **fields) -> dict:
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
       "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                   "cpus": os.cpu_count(), "jax_device": str(jax.devices()[0])},
-      "versions": {"jax": jax.__version__, "python": platform.python_version()},
+      "versions": {"jax": jax.__version__, "python": platform.python_version(), **(extra_versions or {})},
       **fields,
   }
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

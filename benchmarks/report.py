@@ -1,0 +1,181 @@
+"""Writes the README's performance section from the benchmark JSON files.
+
+Everything between the markers `<!-- perf:begin -->` and `<!-- perf:end -->`
+in README.md is replaced by tables built from `benchmarks/results/*.json`
+(machine, date and versions included), so the numbers in the README are the
+ones the scripts measured.
+
+  python benchmarks/report.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
+EDGE = (("rtx3080ti_12gb", "RTX 3080 Ti"), ("rtx4060ti_16gb", "RTX 4060 Ti"), ("a6000_48gb", "A6000"))
+
+
+def _load(results: str, name: str) -> dict | None:
+  path = os.path.join(results, f"{name}.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _ms(seconds) -> str:
+  return "-" if seconds is None else f"{seconds * 1e3:.2f}"
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  return lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+
+
+def _machine(report: dict) -> str:
+  m, v = report["machine"], report["versions"]
+  extra = "".join(f", {k} {v[k]}" for k in ("transformers", "torch") if k in v)
+  return (f"{report['date'][:10]}, {m['processor']} ({m['cpus']} cores), JAX device {m['jax_device']}, "
+          f"jax {v['jax']}{extra}, Python {v['python']}")
+
+
+def decode_section(r: dict) -> list[str]:
+  out = [f"`python benchmarks/decode_speed.py` ({_machine(r)}; {r['threads']} threads everywhere, "
+         f"{r['new_tokens']} new tokens after a 16-token prompt, float32):", ""]
+  for model in r["models"]:
+    bw = r["copy_bandwidth_Bps"]
+    out += [f"**{model['name']}** ({model['params'] / 1e6:.1f}M parameters; {model['active_bytes_per_token'] / 1e6:.0f} MB "
+            f"of weights read per token; bandwidth bound {model['bandwidth_bound_tpot_s'] * 1e3:.2f} ms/token at the "
+            f"measured {bw / 1e9:.1f} GB/s numpy copy bandwidth):", ""]
+    rows = []
+    for row in model["rows"]:
+      rows.append([row["impl"], row["batch"], _ms(row.get("ttft_s")), _ms(row["tpot_s"]),
+                   f"{row['vs_transformers']:.2f}x" if "vs_transformers" in row else "-",
+                   f"{row['vs_llama_cpp']:.2f}x" if "vs_llama_cpp" in row else "-",
+                   f"{row['of_bandwidth_bound']:.0%}" if "of_bandwidth_bound" in row else "-"])
+    out += _table(["implementation", "batch", "TTFT (ms)", "TPOT (ms)", "vs transformers", "vs llama.cpp",
+                   "of bandwidth bound"], rows) + [""]
+  engine = r.get("engine_rows", [])
+  if engine:
+    out += ["Offloading `Engine` on the 128M model, batch 1 (median decode step; *before* is commit "
+            f"`{r.get('baseline_commit', '?')}`, the per-layer loop before the fused segments, timed in the same run):",
+            ""]
+    rows = []
+    for row in engine:
+      rows.append([row["policy"], row["alpha"], row["cache_slots"], _ms(row.get("tpot_before_s")), _ms(row["tpot_s"]),
+                   f"{row['hit_ratio']:.3f}", f"{row['bytes_to_device'] / 1e6:.1f}"])
+    out += _table(["policy", "alpha", "slots", "TPOT before (ms)", "TPOT now (ms)", "hit ratio", "MB copied"], rows)
+    out += [""]
+  return out
+
+
+def offload_section(r: dict) -> list[str]:
+  out = [f"`python benchmarks/offload_speed.py` ({_machine(r)}): every policy at cache_slots E/4 and E/2 on the 128M "
+         "model, batch 1. TPOT is the fused engine's median decode step; the split comes from a second run with "
+         "`profile=True` (every stage its own jitted call, blocked on and timed). *Overhead* is the fused step minus "
+         "the model's own work measured stage by stage (attention, experts, head, copies, CPU experts, predictor): "
+         "the scheduler, its device->host read and the Python loop. Edge-GPU columns are the estimator's TPOT for "
+         f"fp16 weights replayed from each run's trace (estimates, `moejax.sim`).", ""]
+  rows = []
+  for row in r["rows"]:
+    s = row["split"]
+    rows.append([row["policy"], row["alpha"], row["cache_slots"], _ms(row["tpot_s"]), f"{row['hit_ratio']:.3f}",
+                 f"{row['bytes_to_device'] / 1e6:.1f}", row["cpu_experts"],
+                 *(f"{s.get(k, 0):.0%}" for k in ("attention", "experts", "copy", "cpu", "prefetch")),
+                 f"{row['overhead_fraction']:.0%}",
+                 *(_ms(row["estimated_tpot_s"][p]) for p, _ in EDGE)])
+  out += _table(["policy", "alpha", "slots", "TPOT (ms)", "hit", "MB copied", "CPU experts", "attention", "experts",
+                 "copies", "CPU", "predictor", "overhead", *(f"{n} est. (ms)" for _, n in EDGE)], rows)
+  return out + [""]
+
+
+def transfer_section(r: dict) -> list[str]:
+  out = [f"`python benchmarks/transfer.py` ({_machine(r)}): host->device paths for experts of "
+         f"{r['expert_shape']['hidden']}x{r['expert_shape']['ffn']} (3 matrices, float32) against a numpy copy of "
+         "the same bytes. On a CPU-only machine host and device share memory, so this is the software path's cost.",
+         ""]
+  rows = [[row["experts"], f"{row['bytes'] / 1e6:.2f}", row["path"], f"{row['GBps']:.1f}", f"{row['vs_numpy']:.0%}"]
+          for row in r["rows"]]
+  return out + _table(["experts", "MB", "path", "GB/s", "of numpy copy"], rows) + [""]
+
+
+def scheduler_section(r: dict) -> list[str]:
+  c, env = r["config"], r["environment"]
+  out = [f"`python benchmarks/scheduler_speed.py` (jax {env['jax']}, {env['backend']}, {env['cpu_count']} cores): the "
+         f"jitted scheduling decision for one MoE layer ({c['num_experts']} experts, top-{c['top_k']}, "
+         f"{c['num_slots']} slots) against the layer's expert compute (hidden {c['hidden']}, expert width "
+         f"{c['intermediate']}, {c['dtype']}).", ""]
+  rows = [[row["tokens"], f"{row['route_us']:.0f}", f"{row['admit_us']:.0f}", f"{row['schedule_step_us']:.0f}",
+           f"{row['moe_layer_us'] / 1e3:.1f}", f"{row['step_over_layer']:.2%}"] for row in r["results"]]
+  return out + _table(["tokens", "route (us)", "admit (us)", "route+observe+admit (us)", "MoE layer (ms)",
+                       "scheduler / layer"], rows) + [""]
+
+
+def goals_section(results: str) -> list[str]:
+  """One line per goal of the benchmark issue: the measured value and whether it is met."""
+  out = []
+  mark = lambda ok: "met" if ok else "**not met**"
+  decode = _load(results, "decode_speed")
+  if decode:
+    for model in decode["models"]:
+      ours = next(r for r in model["rows"] if r["impl"].startswith("moejax") and r["batch"] == 1)
+      out.append(f"- {model['name']}: moejax TPOT {ours['vs_transformers']:.2f}x transformers (goal <= 0.5x: "
+                 f"{mark(ours['vs_transformers'] <= 0.5)}), {ours['of_bandwidth_bound']:.0%} of the bandwidth bound "
+                 f"(goal >= 50%: {mark(ours['of_bandwidth_bound'] >= 0.5)})"
+                 + (f", {ours['vs_llama_cpp']:.2f}x llama.cpp (long-run goal <= 1.5x: "
+                    f"{mark(ours['vs_llama_cpp'] <= 1.5)})" if "vs_llama_cpp" in ours else ""))
+    rows = decode.get("engine_rows", [])
+    resident = next((r for r in rows if r["policy"] == "resident"), None)
+    fused = next((r for r in decode["models"][-1]["rows"] if r["impl"].startswith("moejax") and r["batch"] == 1), None)
+    e = resident["cache_slots"] if resident else None
+    smoe = next((r for r in rows if r["policy"] == "smoe" and r["cache_slots"] == (e or 0) // 2), None)
+    if resident and smoe and fused:
+      out.append(f"- smoe (alpha {smoe['alpha']}) at E/2: {smoe['tpot_s'] / resident['tpot_s']:.2f}x the Engine's "
+                 f"resident step, {smoe['tpot_s'] / fused['tpot_s']:.2f}x `Model.generate` (goal <= 1.3x: "
+                 f"{mark(smoe['tpot_s'] / resident['tpot_s'] <= 1.3)} against the Engine's resident step, "
+                 f"{mark(smoe['tpot_s'] / fused['tpot_s'] <= 1.3)} against `Model.generate`)")
+  offload = _load(results, "offload_speed")
+  if offload:
+    over = [r["overhead_fraction"] for r in offload["rows"] if r["policy"] != "layerwise"]
+    out.append(f"- scheduler + Python overhead: {min(over):.0%}-{max(over):.0%} of a fused offloaded step across "
+               f"policies except layerwise (goal < 10%: {mark(max(over) < 0.10)})")
+  transfer = _load(results, "transfer")
+  if transfer:
+    fill = [r["vs_numpy"] for r in transfer["rows"] if r["path"].startswith("store.to_device")]
+    out.append(f"- expert slot fill: {min(fill):.0%}-{max(fill):.0%} of a numpy copy (goal >= 70%: "
+               f"{mark(min(fill) >= 0.7)})")
+  return (["Against the goals:", ""] + out + [""]) if out else []
+
+
+def render(results: str) -> str:
+  lines = ["_Generated by `python benchmarks/report.py` from `benchmarks/results/*.json`; do not edit by hand._", ""]
+  lines += goals_section(results)
+  for name, section in (("decode_speed", decode_section), ("offload_speed", offload_section),
+                        ("transfer", transfer_section), ("scheduler_speed", scheduler_section)):
+    report = _load(results, name)
+    if report is not None:
+      lines += [f"### {name}", ""] + section(report)
+  return "\n".join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--results", default="benchmarks/results")
+  parser.add_argument("--readme", default="README.md")
+  args = parser.parse_args()
+  with open(args.readme) as f:
+    text = f.read()
+  if BEGIN not in text or END not in text:
+    raise SystemExit(f"{args.readme} has no {BEGIN} ... {END} markers to replace.")
+  head, rest = text.split(BEGIN, 1)
+  _, tail = rest.split(END, 1)
+  with open(args.readme, "w") as f:
+    f.write(head + BEGIN + "\n" + render(args.results) + "\n" + END + tail)
+  print(f"wrote the performance section of {args.readme}")
+
+
+if __name__ == "__main__":
+  main()
