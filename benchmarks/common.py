@@ -61,3 +61,26 @@ def write_report(name: str, path: str, extra_versions: dict | None = None, **fie
   with open(path, "w") as f:
     json.dump(report, f, indent=2)
   return report
+
+
+def time_model_generate(model, batch: int, new_tokens: int) -> tuple[float, float]:
+  """(TTFT, TPOT) of moejax `Model.generate` after a 16-token prompt."""
+  ids = np.random.RandomState(0).randint(0, model.config.vocab_size, (batch, 16))
+  model.generate(ids, 1)  # compile both cache-length buckets used below
+  model.generate(ids, new_tokens + 1)
+  t = time.perf_counter()
+  model.generate(ids, 1)
+  prefill = time.perf_counter() - t
+  t = time.perf_counter()
+  model.generate(ids, new_tokens + 1)
+  return prefill, (time.perf_counter() - t - prefill) / new_tokens
+
+
+def warm_engine_run(model, prompt: np.ndarray, new_tokens: int, **engine_kwargs):
+  """`Engine(model, **engine_kwargs).generate(prompt, new_tokens)` after one compiling run and a cache reset."""
+  from moejax.engine import Engine
+
+  engine = Engine(model, **engine_kwargs)
+  engine.generate(prompt, new_tokens)  # compile every stage at the measured lengths
+  engine.reset()
+  return engine.generate(prompt, new_tokens)

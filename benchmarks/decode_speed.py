@@ -32,7 +32,14 @@ import time
 
 import numpy as np
 
-from common import DEFAULT_CHECKPOINT, build_checkpoint, copy_bandwidth, write_report
+from common import (
+  DEFAULT_CHECKPOINT,
+  build_checkpoint,
+  copy_bandwidth,
+  time_model_generate,
+  warm_engine_run,
+  write_report,
+)
 
 
 def active_bytes_per_token(config) -> int:
@@ -66,27 +73,9 @@ def time_transformers(path: str, batch: int, new_tokens: int, threads: int, voca
   return prefill, (total - prefill) / new_tokens
 
 
-def time_model_generate(model, batch: int, new_tokens: int) -> tuple[float, float]:
-  """(TTFT, TPOT) of moejax `Model.generate` after a 16-token prompt."""
-  ids = np.random.RandomState(0).randint(0, model.config.vocab_size, (batch, 16))
-  model.generate(ids, 1)  # compile both cache-length buckets used below
-  model.generate(ids, new_tokens + 1)
-  t = time.perf_counter()
-  model.generate(ids, 1)
-  prefill = time.perf_counter() - t
-  t = time.perf_counter()
-  model.generate(ids, new_tokens + 1)
-  return prefill, (time.perf_counter() - t - prefill) / new_tokens
-
-
 def time_engine(model, policy: str, slots: int, batch: int, new_tokens: int, alpha: float) -> dict:
-  from moejax.engine import Engine
-
-  engine = Engine(model, policy=policy, alpha=alpha, cache_slots=slots)
   ids = np.random.RandomState(0).randint(0, model.config.vocab_size, (batch, 16))
-  engine.generate(ids, new_tokens)  # compile every stage at the measured lengths
-  engine.reset()
-  result = engine.generate(ids, new_tokens)
+  result = warm_engine_run(model, ids, new_tokens, policy=policy, alpha=alpha, cache_slots=slots)
   s = result.stats
   steps = [t.wall_s for t in result.trace if t.kind == "decode"][1:]
   return {
@@ -120,7 +109,8 @@ def baseline_engine_rows(commit: str, checkpoint: str, new_tokens: int) -> list[
   with tempfile.NamedTemporaryFile(suffix=".json") as f:
     subprocess.run([sys.executable, __file__, "--engine_only", f.name, "--checkpoint", checkpoint,
                     "--new_tokens", str(new_tokens)], check=True, env={**os.environ, "PYTHONPATH": tree})
-    return json.load(open(f.name))
+    with open(f.name) as rows:
+      return json.load(rows)
 
 
 def model_rows(name: str, path: str, args, llama: bool) -> dict:

@@ -23,11 +23,10 @@ estimator's TPOT on the paper's edge GPUs comes from the same trace
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
-from common import DEFAULT_CHECKPOINT, build_checkpoint, write_report
+from common import DEFAULT_CHECKPOINT, build_checkpoint, time_model_generate, warm_engine_run, write_report
 
 EDGE_PROFILES = ("rtx3080ti_12gb", "rtx4060ti_16gb", "a6000_48gb")
 SMOE_FAMILY = ("smoe", "+cr", "+pre", "+ba")
@@ -36,21 +35,13 @@ SMOE_FAMILY = ("smoe", "+cr", "+pre", "+ba")
 WORK = ("attention", "experts", "head", "copy", "cpu", "prefetch")
 
 
-def _decode(model, policy, slots, alpha, prompt, new_tokens, profile):
-  from moejax.engine import Engine
-
-  engine = Engine(model, policy=policy, alpha=alpha, cache_slots=slots, profile=profile)
-  engine.generate(prompt, new_tokens)  # compile at the measured lengths
-  engine.reset()
-  return engine.generate(prompt, new_tokens)
-
-
 def run_policy(model, policy: str, slots: int, alpha: float, prompt: np.ndarray, new_tokens: int) -> dict:
   from moejax.sim import estimate_tpot
 
-  result = _decode(model, policy, slots, alpha, prompt, new_tokens, profile=False)
+  result = warm_engine_run(model, prompt, new_tokens, policy=policy, alpha=alpha, cache_slots=slots)
   step_s = float(np.median([t.wall_s for t in result.trace if t.kind == "decode"][1:]))
-  staged = _decode(model, policy, slots, alpha, prompt, new_tokens, profile=True)
+  staged = warm_engine_run(model, prompt, new_tokens, policy=policy, alpha=alpha, cache_slots=slots,
+                           profile=True)
   steps = sum(t.kind == "decode" for t in staged.trace)
   per_step = {name: staged.stats["times_s"].get(name, 0.0) / steps for name in (*WORK, "plan")}
   staged_step = float(np.mean([t.wall_s for t in staged.trace if t.kind == "decode"]))
@@ -81,13 +72,7 @@ def main():
   resident = moejax.load(path)
   e = host.config.num_experts
   prompt = np.random.RandomState(0).randint(0, host.config.vocab_size, (1, 16))
-  resident.generate(prompt, args.new_tokens + 1)  # compile
-  t = time.perf_counter()
-  resident.generate(prompt, 1)
-  prefill = time.perf_counter() - t
-  t = time.perf_counter()
-  resident.generate(prompt, args.new_tokens + 1)
-  fused_model_tpot = (time.perf_counter() - t - prefill) / args.new_tokens
+  _, fused_model_tpot = time_model_generate(resident, 1, args.new_tokens)
   rows = [run_policy(resident, "resident", e, 0.0, prompt, args.new_tokens)]
   for slots in (e // 4, e // 2):
     for policy in POLICIES:

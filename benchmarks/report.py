@@ -156,8 +156,9 @@ def goals_section(results: str) -> list[str]:
                  f"{mark(smoe['tpot_s'] / resident['tpot_s'] <= 1.3)} against the Engine's resident step, "
                  f"{mark(smoe['tpot_s'] / fused['tpot_s'] <= 1.3)} against `Model.generate`)")
   offload = _load(results, "offload_speed")
-  if offload and overhead_fractions(offload, decode)[0][0] is not None:
-    over = [o for r, o in zip(offload["rows"], overhead_fractions(offload, decode)[0]) if r["policy"] != "layerwise"]
+  overheads = overhead_fractions(offload, decode)[0] if offload else [None]
+  if overheads[0] is not None:
+    over = [o for r, o in zip(offload["rows"], overheads) if r["policy"] != "layerwise"]
     out.append(f"- scheduler + Python overhead: {min(over):.0%}-{max(over):.0%} of a fused offloaded step across "
                f"policies except layerwise (goal < 10%: {mark(max(over) < 0.10)})")
   transfer = _load(results, "transfer")

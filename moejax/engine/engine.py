@@ -196,7 +196,6 @@ class Engine:
       lo = 0 if prev is None else prev + 1
       hi = config.num_layers if nxt is None else nxt
       self.segments.append((prev, tuple(range(lo, hi)), nxt))
-    self._next_moe = dict(itertools.pairwise(moe_ids))
     self._jits: dict[tuple, Callable] = {}  # this engine's jitted segments / stages, freed with it
     if self.spec.cache:
       self.store = HostExpertStore(model.experts, host_memory_kind)
@@ -290,8 +289,11 @@ class Engine:
     timings["copy"] = timings.get("copy", 0.0) + dt
     return n, dt
 
-  def _after_plan(self, l, out: SegmentOut, vflat, n_tokens, run, predictor: bool):
-    """Host work once layer l is planned: copies, CPU experts, stats; returns (buffers, extra `[N, D]` or None)."""
+  def _after_plan(self, l, out: SegmentOut, vflat, n_tokens, run, predictor_bytes: int):
+    """Host work once layer l is planned: copies, CPU experts, stats; returns (buffers, extra `[N, D]` or None).
+
+    predictor_bytes: weight bytes the prefetch predictor for the next MoE layer reads during this layer.
+    """
     config, spec = self.config, self.spec
     d = out.decision
     timings = {}
@@ -324,7 +326,7 @@ class Engine:
             hits=counts["hits"], demand_loads=counts["demand_loads"], prefetch_loads=counts["prefetched"],
             prefetch_used=counts["prefetch_used"], cpu_experts=counts["cpu_experts"],
             substituted=counts["substituted"], gpu_pairs=counts["gpu_pairs"], cpu_pairs=counts["cpu_pairs"],
-            measured=timings, predictor_bytes=self.dense_bytes[self._next_moe[l]] if predictor else 0,
+            measured=timings, predictor_bytes=predictor_bytes,
         ),
         bytes_to_device=n_loads * self.expert_bytes[l],
         counts=counts,
@@ -457,8 +459,11 @@ class Engine:
         buffers = self._after_exact_plan(nxt, out, vflat_host, n_tokens, run, warm=not self.spec.layerwise)
         extra = None
       else:
-        predictor = self._segment_plan(i + 1, exact, score).prefetch == "provisional"
-        buffers, extra = self._after_plan(nxt, out, vflat_host, n_tokens, run, predictor)
+        # The paper's predictor for the following MoE layer runs during this one and reads that layer's weights.
+        following = self.segments[i + 1][2]
+        provisional = self._segment_plan(i + 1, exact, score).prefetch == "provisional"
+        buffers, extra = self._after_plan(nxt, out, vflat_host, n_tokens, run,
+                                          self.dense_bytes[following] if provisional else 0)
       carry = (out.h, out.x, buffers, d.slots, d.mix, extra)
     run.end_step(time.perf_counter() - t0, head_bytes=self.head_bytes)
     return result
@@ -547,8 +552,6 @@ class Engine:
       if forced_tokens is None or forced_mask.shape != forced_tokens.shape:
         raise ValueError("forced_mask needs forced_tokens of the same shape [B, N].")
       feed[:, :-1] = forced_mask[:, 1:]
-    if temperature < 0 or not 0 < top_p <= 1:
-      raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}.")
     self._maybe_calibrate_static(ids, valid, positions)
     run = self.new_run_stats() if run_stats is None else run_stats
     if cache_length is not None and cache_length < t + max_new_tokens:
