@@ -43,7 +43,8 @@ def _machine(report: dict) -> str:
 
 
 def decode_section(r: dict) -> list[str]:
-  out = [f"`python benchmarks/decode_speed.py` ({_machine(r)}; {r['threads']} threads everywhere, "
+  flag = f" --baseline_commit {r['baseline_commit']}" if r.get("baseline_commit") else ""
+  out = [f"`python benchmarks/decode_speed.py{flag}` ({_machine(r)}; {r['threads']} threads everywhere, "
          f"{r['new_tokens']} new tokens after a 16-token prompt, float32):", ""]
   for model in r["models"]:
     bw = r["copy_bandwidth_Bps"]
@@ -90,7 +91,7 @@ def overhead_fractions(offload: dict, decode: dict | None) -> tuple[list[float |
 
 def offload_section(r: dict, decode: dict | None = None) -> list[str]:
   overheads, source = overhead_fractions(r, decode)
-  out = [f"`python benchmarks/offload_speed.py` ({_machine(r)}): every policy at cache_slots E/4 and E/2 on the 128M "
+  out = [f"`python benchmarks/offload_speed.py --new_tokens {r['new_tokens']}` ({_machine(r)}): every policy at cache_slots E/4 and E/2 on the 128M "
          "model, batch 1. TPOT is the fused engine's median decode step; the stage shares (of that TPOT) come from a "
          "second run with `profile=True` (every stage its own jitted call, blocked on and timed, so they carry extra "
          "dispatch cost). *Overhead* = (TPOT - fully fused resident model TPOT - copies - CPU experts) / TPOT: the "
