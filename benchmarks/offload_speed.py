@@ -3,19 +3,19 @@
 On the random ~128M-parameter Qwen2-MoE of `decode_speed.py`, for every
 registered policy at cache_slots E/4 and E/2 (smoe family at alpha 0.3,
 baselines at alpha 0), decodes twice:
-- the engine as users run it (one fused jitted segment per MoE layer): TPOT
-  (median steady decode step), hit ratio, bytes copied, CPU experts;
+- the engine as users run it (one jitted program per step, copies into the
+  cache slots and CPU experts inside it): TPOT (median steady decode step),
+  hit ratio, bytes copied, CPU experts;
 - `Engine(profile=True)`: every stage its own jitted call, blocked on and
   timed, giving per decode step the model's own work: attention, experts,
   head, copies, CPU experts and the prefetch predictor.
 Staged calls carry their own dispatch and blocking cost, so the overhead is
 taken conservatively against the fully fused resident model instead: the
 engine's TPOT minus `Model.generate`'s TPOT (same run) minus the copies and
-CPU experts of a step. What remains is the scheduler, its device->host read,
-the Python loop and the fusion lost by splitting the step at MoE layers
-(goal: under 10% of a step). The
-estimator's TPOT on the paper's edge GPUs comes from the same trace
-(labelled estimates, `moejax.sim`).
+CPU experts of a step. What remains is the scheduler's own compute, the
+host's dispatch and read-back, and any fusion the policy's step loses
+(goal: under 10% of a step). The estimator's TPOT on the paper's edge GPUs
+comes from the same trace (labelled estimates, `moejax.sim`).
 
   python benchmarks/offload_speed.py --out benchmarks/results/offload_speed.json
 """

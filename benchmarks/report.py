@@ -62,7 +62,7 @@ def decode_section(r: dict) -> list[str]:
   engine = r.get("engine_rows", [])
   if engine:
     out += ["Offloading `Engine` on the 128M model, batch 1 (median decode step; *before* is commit "
-            f"`{r.get('baseline_commit', '?')}`, the per-layer loop before the fused segments, timed in the same run):",
+            f"`{r.get('baseline_commit', '?')}`, the engine before this work (a Python loop over layers), timed in the same run):",
             ""]
     rows = []
     for row in engine:
@@ -92,10 +92,11 @@ def overhead_fractions(offload: dict, decode: dict | None) -> tuple[list[float |
 def offload_section(r: dict, decode: dict | None = None) -> list[str]:
   overheads, source = overhead_fractions(r, decode)
   out = [f"`python benchmarks/offload_speed.py --new_tokens {r['new_tokens']}` ({_machine(r)}): every policy at cache_slots E/4 and E/2 on the 128M "
-         "model, batch 1. TPOT is the fused engine's median decode step; the stage shares (of that TPOT) come from a "
-         "second run with `profile=True` (every stage its own jitted call, blocked on and timed, so they carry extra "
-         "dispatch cost). *Overhead* = (TPOT - fully fused resident model TPOT - copies - CPU experts) / TPOT: the "
-         f"scheduler, its device->host read, the Python loop and the fusion lost by splitting the step; model TPOT "
+         "model, batch 1. TPOT is the engine's median decode step (one jitted program per step, copies and CPU "
+         "experts inside it); the stage shares (of that TPOT) come from a second run with `profile=True` (every stage "
+         "its own jitted call, blocked on and timed, so they carry extra dispatch cost). *Overhead* = (TPOT - "
+         "resident model TPOT - copies - CPU experts) / TPOT: the scheduler's own compute, the host's dispatch and "
+         f"read-back, and whatever fusion the policy's step loses against `Model.generate`; model TPOT "
          f"from {source}. Edge-GPU columns are the estimator's TPOT for fp16 weights replayed from each run's trace "
          "(estimates, `moejax.sim`).", ""]
   rows = []
@@ -160,11 +161,11 @@ def goals_section(results: str) -> list[str]:
   overheads = overhead_fractions(offload, decode)[0] if offload else [None]
   if overheads[0] is not None:
     over = [o for r, o in zip(offload["rows"], overheads) if r["policy"] != "layerwise"]
-    out.append(f"- scheduler + Python overhead: {min(over):.0%}-{max(over):.0%} of a fused offloaded step across "
+    out.append(f"- scheduler + Python overhead: {min(over):.0%}-{max(over):.0%} of an offloaded step across "
                f"policies except layerwise (goal < 10%: {mark(max(over) < 0.10)})")
   transfer = _load(results, "transfer")
   if transfer:
-    fill = [r["vs_numpy"] for r in transfer["rows"] if r["path"].startswith("store.to_device")]
+    fill = [r["vs_numpy"] for r in transfer["rows"] if r["path"].startswith("engine slot fill")]
     out.append(f"- expert slot fill: {min(fill):.0%}-{max(fill):.0%} of a numpy copy (goal >= 70%: "
                f"{mark(min(fill) >= 0.7)})")
   return (["Against the goals:", ""] + out + [""]) if out else []

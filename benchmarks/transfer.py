@@ -2,10 +2,11 @@
 
 For one expert and a batch of experts of a given shape, times:
 - `np.copyto` of the same bytes (the machine's copy bandwidth: the reference);
-- `jax.device_put` of a numpy array (what the numpy host store does);
-- `jax.device_put` from a `pinned_host` JAX array (the pinned store's path);
-- the engine's full slot fill: `HostExpertStore.to_device` + `write_slots` into
-  a preallocated `[S, ...]` cache (gather on the host, copy, in-place update).
+- `jax.device_put` of a numpy array, and of a `pinned_host` JAX array;
+- the engine's slot fill: `moejax.offload.cache.write_slots`, which slices each
+  expert from the `pinned_host` store, moves it to device memory and writes it
+  into its slot of a preallocated, donated `[S, ...]` cache inside one jitted
+  call (what the fused step does in-graph).
 
   python benchmarks/transfer.py --out benchmarks/results/transfer.json
 
@@ -19,6 +20,7 @@ import argparse
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from moejax.models.moe import ExpertWeights
@@ -43,6 +45,7 @@ def main():
   parser.add_argument("--hidden", type=int, default=512)
   parser.add_argument("--ffn", type=int, default=256)
   parser.add_argument("--experts", type=int, default=32)
+  parser.add_argument("--slots", type=int, default=16, help="cache slots of the destination buffer")
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--out", default="benchmarks/results/transfer.json")
   args = parser.parse_args()
@@ -62,16 +65,19 @@ def main():
     t_put = _best(lambda: jax.block_until_ready(jax.device_put(block, device)), args.repeats)
     host_block = jax.device_put(block, pinned)
     t_pinned = _best(lambda: jax.block_until_ready(jax.device_put(host_block, on_device)), args.repeats)
-    store = HostExpertStore([layer])
-    buffers = [ExpertWeights(*(jax.numpy.zeros((n, *a.shape[1:]), a.dtype) for a in layer))]
+    store = HostExpertStore([layer]).layers[0]
+    buffers = [ExpertWeights(*(jnp.zeros((args.slots, *a.shape[1:]), a.dtype) for a in layer))]
+    experts, slots = jnp.asarray(ids, jnp.int32), jnp.arange(n, dtype=jnp.int32)
 
     def fill():
-      buffers[0] = slot_cache.write_slots(buffers[0], np.arange(n), store.to_device(0, ids))
-      jax.block_until_ready(buffers[0])
+      buffers[0] = jax.block_until_ready(slot_cache.write_slots(buffers[0], store, experts, slots))
 
     t_fill = _best(fill, args.repeats)
+    filled = [np.asarray(a)[:n] for a in buffers[0]]
+    if not all(np.array_equal(f, a) for f, a in zip(filled, block)):
+      raise AssertionError("the slot fill did not copy the experts it was given")
     for path, t in (("numpy copyto", t_np), ("device_put(numpy)", t_put), ("device_put(pinned_host)", t_pinned),
-                    ("store.to_device + write_slots", t_fill)):
+                    ("engine slot fill (write_slots)", t_fill)):
       rows.append({"experts": n, "bytes": nbytes, "path": path, "seconds": t, "GBps": nbytes / t / 1e9,
                    "vs_numpy": t_np / t})
   write_report("transfer", args.out, expert_shape={"hidden": d, "ffn": f}, rows=rows)

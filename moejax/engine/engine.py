@@ -1,15 +1,13 @@
-"""The decode engine: drives model, offload and scheduling one MoE layer at a time.
+"""The decode engine: runs a model with its routed experts in host memory under a scheduling policy.
 
-A forward step alternates device work and host work. The device work between
-two MoE layers is one jitted *segment* (`moejax.engine.stages`): the previous
-MoE layer's experts, read from its cache slots, then the next MoE layer's
-attention and router, the prefetch for it and the policy's scheduling
-decision (substitution, copies, eviction, CPU work). The host then reads one
-small int32 vector (the copy list and counters), starts the copies
-(`jax.device_put` into preallocated slots), runs missed pairs on the CPU if
-the policy says so, and calls the next segment. One jitted call and one
-device->host read per MoE layer; `profile=True` runs the same segment stage by
-stage and times each stage.
+Each forward step is one jitted program (`moejax.engine.stages.forward`):
+layer by layer, the policy plans each MoE layer from its router scores
+(substitution, copies with eviction, CPU work), the layer's device cache
+slots are filled from the `pinned_host` expert store inside the program, pairs
+left off the device run on the host (`compute_on("device_host")`), and the
+experts are read from the slots. The host dispatches one call per step and
+reads back one small int32 array of counters. `profile=True` runs the same
+step stage by stage, blocked on and timed per layer.
 
 With alpha = 0 every policy computes exactly the model's own experts, so the
 tokens equal the resident model's (tested for every policy and budget).
@@ -17,6 +15,7 @@ tokens equal the resident model's (tested for every policy and budget).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import itertools
@@ -33,12 +32,11 @@ from moejax.engine import sampling
 from moejax.engine.schedule import COUNTERS
 from moejax.engine.stages import (
   Edges,
-  Plan,
-  SegmentModules,
-  SegmentOut,
+  Segment,
   StagedOps,
-  fused_segment,
-  segment,
+  StepPlan,
+  forward,
+  fused_forward,
   split_module,
 )
 from moejax.engine.stats import RunStats
@@ -46,7 +44,7 @@ from moejax.models import moe
 from moejax.models.layers import attention_inputs
 from moejax.models.model import Model, bucket, prompt_positions
 from moejax.offload import cache as slot_cache
-from moejax.offload.cpu import cpu_experts
+from moejax.offload.cpu import host_experts
 from moejax.offload.store import HostExpertStore
 from moejax.scheduling import balance, cache
 from moejax.scheduling import similarity as similarity_lib
@@ -73,17 +71,6 @@ class GenerationResult:
   stats: dict[str, Any]
   trace: list[StepTrace]
   routing: list[dict[int, np.ndarray]]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _warm_admit(policy, state, scores, valid, selected):
-  """Admits the experts a prompt used (`selected` `[N, k]`), most important first; returns (state, admission)."""
-  e = scores.shape[-1]
-  used = jnp.zeros(e, bool).at[selected].max(jnp.broadcast_to(valid[:, None], selected.shape))
-  priority = jnp.max(jnp.where(valid[:, None], scores, 0.0), axis=0)
-  state, adm = cache.admit(state, used, jnp.zeros(e, bool), priority, policy=policy,
-                           max_loads=min(state.num_slots, e))
-  return cache.observe(state, scores, used, valid), adm
 
 
 @functools.partial(jax.jit, static_argnames=("temperature", "top_p"))
@@ -122,11 +109,13 @@ class Engine:
       cache_prior policy; default log(1 + alpha), so alpha = 0 is exact.
     policy_in_prefill: schedule the prompt's tokens too (default: the prompt
       is computed exactly with every expert streamed in, and warms the cache).
-    host_memory_kind: "numpy" or "pinned_host" for the host expert store.
     static_experts: `[L][S]` resident sets for the static policy (default:
       the most used experts of the first prompt).
-    profile: block after each stage to time attention, plan, copies, experts,
-      CPU work and prefetch separately (slower; off by default).
+    profile: run each step stage by stage, blocked on and timed per layer
+      (attention, plan, prefetch, copy, cpu, experts, head); slower. With a
+      balance policy (smoe, mrs) the split then uses the copy and CPU costs
+      measured in every step; otherwise they are measured once, on the first
+      step (`calibrate_costs`).
     record_routing: keep the experts computed per token, layer and step in
       `GenerationResult.routing` (for co-activation similarity and tests).
   """
@@ -145,7 +134,6 @@ class Engine:
       substitute_weight: str = "own",
       cache_prior_strength: float | None = None,
       policy_in_prefill: bool = False,
-      host_memory_kind: str = "numpy",
       static_experts: Sequence[Sequence[int]] | None = None,
       profile: bool = False,
       record_routing: bool = False,
@@ -196,9 +184,9 @@ class Engine:
       lo = 0 if prev is None else prev + 1
       hi = config.num_layers if nxt is None else nxt
       self.segments.append((prev, tuple(range(lo, hi)), nxt))
-    self._jits: dict[tuple, Callable] = {}  # this engine's jitted segments / stages, freed with it
+    self._jits: dict[tuple, Callable] = {}  # this engine's jitted steps / stages, freed with it
     if self.spec.cache:
-      self.store = HostExpertStore(model.experts, host_memory_kind)
+      self.store = HostExpertStore(model.experts)
     else:
       self.store = None
       self.resident_experts = model.experts_on_device()
@@ -209,6 +197,7 @@ class Engine:
         config.expert_param_count() * dtype_bytes if config.moe_layers[i] else 0 for i in range(config.num_layers)
     ]
     self.head_bytes = _tree_nbytes(nnx.state(model.decoder.norm)) + config.vocab_size * config.hidden_size * dtype_bytes
+    self.calibrated_costs: balance.CostModel | None = None  # `calibrate_costs` on the first scheduled step
     self.reset()
 
   @classmethod
@@ -237,7 +226,7 @@ class Engine:
     return {l: jnp.asarray(s) for l, s in zip(self.config.moe_layer_ids, sim)}
 
   def reset(self) -> None:
-    """Empties the expert cache and forgets score history and measured costs."""
+    """Empties the expert cache and forgets score history and the costs measured in profile mode."""
     e, s = self.config.num_experts, self.num_slots
     self.states: dict[int, cache.CacheState | None] = {}
     self.buffers: dict[int, moe.ExpertWeights | None] = {}
@@ -255,7 +244,7 @@ class Engine:
     if self.spec.static and self.static_experts is not None:
       self._install_static(self.static_experts)
     self.static_ready = self.static_experts is not None
-    self.costs = balance.init_cost_model()
+    self.costs = balance.init_cost_model() if self.calibrated_costs is None else self.calibrated_costs
 
   def _install_static(self, sets: Sequence[Sequence[int]]) -> None:
     for l, experts in zip(self.config.moe_layer_ids, sets):
@@ -264,147 +253,122 @@ class Engine:
       ids[: len(experts)] = experts
       self.states[l] = cache.init_cache_state(self.config.num_experts, self.num_slots, window=self.window,
                                               initial_experts=ids)
-      self.buffers[l] = slot_cache.write_slots(self.buffers[l], np.arange(len(experts)),
-                                               self.store.to_device(l, experts))
+      self.buffers[l] = slot_cache.write_slots(self.buffers[l], self.store.layers[l], jnp.asarray(experts),
+                                               jnp.arange(len(experts), dtype=jnp.int32))
 
-  # --------------------------------------------------------------------------
-  # Host work between segments
-  # --------------------------------------------------------------------------
+  def calibrate_costs(self, repeats: int = 5) -> balance.CostModel:
+    """Measures the per-expert costs the balance split uses: one copy into a slot and one CPU expert.
 
-  def _copy_in(self, l: int, experts: np.ndarray, slots: np.ndarray) -> int:
-    """Starts copying `experts` (-1 padded) into `slots` of layer l; returns how many."""
-    take = experts >= 0
-    if take.any():
-      self.buffers[l] = slot_cache.write_slots(self.buffers[l], slots[take], self.store.to_device(l, experts[take]))
-    return int(take.sum())
-
-  def _timed_copy_in(self, l, experts, slots, timings, blocking) -> tuple[int, float]:
-    """`_copy_in`, blocked on and timed (into timings["copy"]) when `blocking`; returns (copies, seconds)."""
-    t = time.perf_counter()
-    n = self._copy_in(l, experts, slots)
-    if not (n and blocking):
-      return n, 0.0
-    jax.block_until_ready(self.buffers[l])
-    dt = time.perf_counter() - t
-    timings["copy"] = timings.get("copy", 0.0) + dt
-    return n, dt
-
-  def _after_plan(self, l, out: SegmentOut, vflat, n_tokens, run, predictor_bytes: int):
-    """Host work once layer l is planned: copies, CPU experts, stats; returns (buffers, extra `[N, D]` or None).
-
-    predictor_bytes: weight bytes the prefetch predictor for the next MoE layer reads during this layer.
+    Times (median of `repeats`) the engine's own kernels on the first MoE
+    layer: `fill_slots` of k experts from the host store into scratch slots,
+    and `host_experts` of k pairs for one token. The fused step cannot time
+    its parts, so it uses these; profile mode keeps measuring every step.
     """
-    config, spec = self.config, self.spec
-    d = out.decision
-    timings = {}
-    blocking = self.profile or spec.balance
-    host = np.asarray(out.host)
-    m, c = d.loads.shape[0], len(COUNTERS)
-    loads, load_slots, counters = host[:m], host[m : 2 * m], host[2 * m : 2 * m + c]
-    if out.prefetch is not None:  # copies of the prefetch for this layer (admitted before its plan)
-      p = out.prefetch.experts.shape[0]
-      pf = host[2 * m + c :]
-      n, _ = self._timed_copy_in(l, pf[:p], pf[p:], timings, blocking)
-      run.add_prefetch_bytes(l, n * self.expert_bytes[l])
-    n_loads, dt = self._timed_copy_in(l, loads, load_slots, timings, blocking)
-    if n_loads and spec.balance:
-      self.costs = balance.update_costs(self.costs, load_s=dt, n_load=n_loads)
-    counts = dict(zip(COUNTERS, counters.tolist()))
-    extra = None
-    if counts["cpu_pairs"]:
-      t = time.perf_counter()
-      experts, mix, on_cpu, x_host = jax.device_get((d.experts, d.mix, d.on_cpu, out.x))
-      extra = jnp.asarray(cpu_experts(x_host, self.store.layers[l], experts, mix, on_cpu, config.hidden_act))
-      timings["cpu"] = time.perf_counter() - t
-      if spec.balance:
-        self.costs = balance.update_costs(self.costs, cpu_s=timings["cpu"], n_cpu=counts["cpu_experts"])
-    if self.record_routing:
-      run.record_routing(l, np.asarray(d.experts)[vflat])
-    run.add_layer_event(
-        LayerEvent(
-            layer=l, tokens=n_tokens, dense_bytes=self.dense_bytes[l], expert_bytes=self.expert_bytes[l],
-            hits=counts["hits"], demand_loads=counts["demand_loads"], prefetch_loads=counts["prefetched"],
-            prefetch_used=counts["prefetch_used"], cpu_experts=counts["cpu_experts"],
-            substituted=counts["substituted"], gpu_pairs=counts["gpu_pairs"], cpu_pairs=counts["cpu_pairs"],
-            measured=timings, predictor_bytes=predictor_bytes,
-        ),
-        bytes_to_device=n_loads * self.expert_bytes[l],
-        counts=counts,
-    )
-    return self.buffers[l], extra
+    config = self.config
+    l, k = config.moe_layer_ids[0], config.num_experts_per_tok
+    ids = jnp.arange(k, dtype=jnp.int32)
+    scratch = [slot_cache.empty_slots(config, k, self.model.dtype)]
+    x = jnp.zeros((1, config.hidden_size), self.model.dtype)
+    cpu = jax.jit(host_experts, static_argnames="act")
 
-  def _after_exact_plan(self, l, out: SegmentOut, vflat, n_tokens, run, warm: bool) -> moe.ExpertWeights:
-    """Layer l computes its own experts with all of them on the device (streamed in); returns the buffers."""
-    spec, e = self.spec, self.config.num_experts
-    buffers = self.store.to_device(l, np.arange(e)) if spec.cache else self.buffers[l]
-    sel = np.asarray(out.decision.experts)[vflat]
-    used = np.unique(sel)
-    if self.record_routing:
-      run.record_routing(l, sel)
-    run.add_layer_event(
-        LayerEvent(layer=l, tokens=n_tokens, dense_bytes=self.dense_bytes[l], expert_bytes=self.expert_bytes[l],
-                   hits=len(used), layerwise_loads=e if spec.cache else 0, gpu_pairs=sel.size, cpu_pairs=0),
-        bytes_to_device=e * self.expert_bytes[l] if spec.cache else 0,
-        counts={"pairs": sel.size, "pairs_hit": sel.size, "hits": len(used), "gpu_pairs": sel.size},
-    )
-    if warm and self.states.get(l) is not None:
-      self._warm_cache(l, out.scores, out.decision, buffers)
-    return buffers
+    def fill():
+      scratch[0] = jax.block_until_ready(slot_cache.write_slots(scratch[0], self.store.layers[l], ids, ids))
 
-  def _warm_cache(self, l, scores, decision, streamed: moe.ExpertWeights) -> None:
-    """After an exact prefill: fill the layer's cache with the prompt's most important experts.
+    def compute():
+      jax.block_until_ready(cpu(x, self.store.layers[l], ids[None], jnp.ones((1, k)), jnp.ones((1, k), bool),
+                                act=config.hidden_act))
 
-    The experts come from `streamed` `[E, ...]`, the copies the prefill just
-    made, so warming the cache moves nothing more across the host link.
-    """
-    if self.spec.static:
-      return
-    valid = decision.slots[:, 0] >= 0
-    self.states[l], adm = _warm_admit(self.spec.eviction or "score", self.states[l], scores, valid,
-                                      decision.experts)
-    experts, slots = jax.device_get((adm.experts, adm.slots))
-    take = experts >= 0
-    if take.any():
-      chosen = jnp.asarray(experts[take])
-      self.buffers[l] = slot_cache.write_slots(self.buffers[l], slots[take],
-                                               moe.ExpertWeights(*(w[chosen] for w in streamed)))
+    def median(fn):
+      fn()  # compile
+      times = []
+      for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+      return float(np.median(times))
+
+    return balance.update_costs(balance.init_cost_model(), load_s=median(fill), n_load=k, cpu_s=median(compute),
+                                n_cpu=k)
 
   # --------------------------------------------------------------------------
   # Steps and generation
   # --------------------------------------------------------------------------
 
-  def _segment_plan(self, i: int, exact: bool, score: bool) -> Plan:
-    prev, dense, nxt = self.segments[i]
-    prefetch = self.spec.prefetch
-    if exact or prev is None or nxt is None or self.states.get(nxt) is None:
-      prefetch = None
-    return Plan(self.config, self._jit_spec, self.substitute_weight, prev is not None, len(dense), nxt is not None,
-                prefetch, exact, score)
+  def _step_plan(self, exact: bool, score: bool) -> StepPlan:
+    spec = self.spec
+    # Pairs run on the CPU when the policy says so, or when a batch needs more experts than a layer has slots.
+    cpu = spec.cpu_compute != "never" or self.num_slots < self.config.num_experts
+    segments = []
+    for prev, dense, nxt in self.segments:
+      schedules = not exact and nxt is not None
+      prefetch = spec.prefetch if schedules and prev is not None and self.states.get(nxt) is not None else None
+      segments.append(Segment(prev, dense, nxt, prefetch, schedules and cpu))
+    return StepPlan(self.config, self._jit_spec, self.substitute_weight, tuple(segments), exact,
+                    warm=exact and spec.cache and not spec.layerwise and not spec.static, score=score,
+                    keep_experts=exact or self.record_routing)
 
-  def _run_segment(self, i, exact, score, carry, ids, inputs, kvs, vflat, run) -> SegmentOut:
-    """Segment i of the step (see `moejax.engine.stages`): fused into one jit, or staged and timed with profile."""
-    prev, dense, nxt = self.segments[i]
-    plan = self._segment_plan(i, exact, score)
-    args = (*carry, ids, inputs, kvs, self.states.get(nxt), self.costs, self.alpha, self.sim.get(nxt), vflat,
+  def _forward(self, plan: StepPlan, ids, inputs, vflat, caches, layer_times):
+    """Runs `stages.forward`: one jitted call, or staged and timed with profile (times into `layer_times`)."""
+    store = {l: None if self.store is None else self.store.layers[l] for l in self.config.moe_layer_ids}
+    sims = {l: self.sim.get(l) for l in self.config.moe_layer_ids}
+    args = (ids, inputs, vflat, caches, self.states, self.buffers, store, self.costs, self.alpha, sims,
             self.prior_strength)
-    mods = SegmentModules(
-        None if prev is None else self.layer_mods[prev],
-        tuple(self.layer_mods[l] for l in dense),
-        None if nxt is None else self.layer_mods[nxt],
-        self.edges if prev is None or nxt is None else None,
-    )
     if self.profile:
-      return segment(StagedOps(plan, self.config.hidden_act, mods, self._jits, timer=run.add_time), plan, *args)
-    fn = self._jits.get((i, plan))
+
+      def timer(layer, name, seconds):
+        layer_times.setdefault(layer, collections.defaultdict(float))[name] += seconds
+
+      ops = StagedOps(self.config.hidden_act, self.layer_mods, self.edges, self._jits, timer=timer,
+                      measure_costs=self.spec.balance)
+      return forward(ops, plan, *args)
+    fn = self._jits.get(plan)
     if fn is None:
-      one = lambda m: None if m is None else m[0]
-      defs = (one(mods.prev), tuple(d for d, _ in mods.dense), one(mods.next), one(mods.edges))
-      if (plan, defs) not in self._jits:  # equal segments (layers of one structure) share one compilation
-        self._jits[plan, defs] = fused_segment(plan, self.config.hidden_act, defs)
-      fn = self._jits[i, plan] = self._jits[plan, defs]
-    leaves = tuple(None if m is None else m[1] for m in (mods.prev, mods.next, mods.edges))
-    leaves = (leaves[0], [lv for _, lv in mods.dense], leaves[1], leaves[2])
-    return fn(leaves, *args)
+      fn = self._jits[plan] = fused_forward(plan, self.config.hidden_act, tuple(d for d, _ in self.layer_mods),
+                                            self.edges[0], donate_buffers=self.spec.cache)
+    return fn([lv for _, lv in self.layer_mods], self.edges[1], *args)
+
+  def _record_layers(self, plan: StepPlan, records, vflat, n_tokens, run, layer_times) -> None:
+    """Counters, copies and the trace event of every layer of a finished step."""
+    host = np.asarray(records.host)
+    experts = records.experts
+    c = len(COUNTERS)
+    moe_at = {l: j for j, l in enumerate(self.config.moe_layer_ids)}
+    for seg_i, seg in enumerate(plan.segments):
+      for l in seg.dense:
+        run.add_layer_event(LayerEvent(layer=l, tokens=n_tokens, dense_bytes=self.dense_bytes[l], expert_bytes=0,
+                                       measured=dict(layer_times.get(l, {}))), bytes_to_device=0, counts={})
+      l = seg.next
+      if l is None:
+        break
+      j = moe_at[l]
+      sel = None if experts[j] is None else np.asarray(experts[j])[vflat]
+      if self.record_routing:
+        run.record_routing(l, sel)
+      common = {"layer": l, "tokens": n_tokens, "dense_bytes": self.dense_bytes[l],
+                "expert_bytes": self.expert_bytes[l], "measured": dict(layer_times.get(l, {}))}
+      if plan.exact:  # every expert streamed in, the model's own routing computed on the device
+        e = self.config.num_experts if self.spec.cache else 0
+        used = len(np.unique(sel))
+        run.add_layer_event(LayerEvent(**common, hits=used, layerwise_loads=e, gpu_pairs=sel.size, cpu_pairs=0),
+                            bytes_to_device=e * self.expert_bytes[l],
+                            counts={"pairs": sel.size, "pairs_hit": sel.size, "hits": used, "gpu_pairs": sel.size})
+        continue
+      counts = dict(zip(COUNTERS, host[j, :c].tolist()))
+      n_loads, n_prefetch = int(host[j, c]), int(host[j, c + 1])
+      run.add_prefetch_bytes(l, n_prefetch * self.expert_bytes[l])
+      # The paper's predictor for the following MoE layer runs during this one and reads that layer's weights.
+      following = plan.segments[seg_i + 1]
+      predictor_bytes = self.dense_bytes[following.next] if following.prefetch == "provisional" else 0
+      run.add_layer_event(
+          LayerEvent(
+              **common, hits=counts["hits"], demand_loads=counts["demand_loads"], prefetch_loads=counts["prefetched"],
+              prefetch_used=counts["prefetch_used"], cpu_experts=counts["cpu_experts"],
+              substituted=counts["substituted"], gpu_pairs=counts["gpu_pairs"], cpu_pairs=counts["cpu_pairs"],
+              predictor_bytes=predictor_bytes,
+          ),
+          bytes_to_device=n_loads * self.expert_bytes[l],
+          counts=counts,
+      )
 
   def _maybe_calibrate_static(self, ids, valid, positions) -> None:
     """Static policy without given sets: keep each layer's most used experts of this prompt."""
@@ -429,42 +393,29 @@ class Engine:
 
     Args:
       ids: `[B, T]` int32; positions: `[B, T]` rotary positions; valid:
-        `[B, T]` numpy bool (False: padding); index: cache row of the first token.
+        `[B, T]` numpy bool (False: padding); index: cache row of the first token;
+      caches: per layer KV cache, updated in place (the list's entries are replaced).
 
     Returns last-position logits `[B, V]`, or with `score` the next-token
     log-probabilities and argmax flags of the step's own tokens (`[B, T-1]` each).
     """
+    exact = (kind == "prefill" and not self.policy_in_prefill) or self.spec.layerwise
+    if self.spec.balance and not exact and not self.profile and self.calibrated_costs is None:
+      self.costs = self.calibrated_costs = self.calibrate_costs()  # once per engine; kept across `reset`
     t0 = time.perf_counter()
     n_tokens = int(valid.sum())
     run.begin_step(kind, tokens=n_tokens)
-    exact = (kind == "prefill" and not self.policy_in_prefill) or self.spec.layerwise
-    vflat_host = valid.reshape(-1)
-    vflat = jnp.asarray(vflat_host)
+    plan = self._step_plan(exact, score)
+    vflat = valid.reshape(-1)
     inputs = _attention_inputs(self.config, positions, jnp.asarray(valid), index)
-    carry = (None,) * 6  # h, x, buffers, slots, mix, extra of the MoE layer whose experts start the next segment
-    for i, (prev, dense, nxt) in enumerate(self.segments):
-      layers = dense + (() if nxt is None else (nxt,))
-      out = self._run_segment(i, exact, score, carry, ids, inputs, [caches[l] for l in layers], vflat, run)
-      for l, kv in zip(layers, out.kvs):
-        caches[l] = kv
-      for l in dense:
-        run.add_layer_event(LayerEvent(layer=l, tokens=n_tokens, dense_bytes=self.dense_bytes[l], expert_bytes=0),
-                            bytes_to_device=0, counts={})
-      if nxt is None:
-        result = jax.block_until_ready(out.out)
-        break
-      d = out.decision
-      self.states[nxt] = d.state
-      if exact:
-        buffers = self._after_exact_plan(nxt, out, vflat_host, n_tokens, run, warm=not self.spec.layerwise)
-        extra = None
-      else:
-        # The paper's predictor for the following MoE layer runs during this one and reads that layer's weights.
-        following = self.segments[i + 1][2]
-        provisional = self._segment_plan(i + 1, exact, score).prefetch == "provisional"
-        buffers, extra = self._after_plan(nxt, out, vflat_host, n_tokens, run,
-                                          self.dense_bytes[following] if provisional else 0)
-      carry = (out.h, out.x, buffers, d.slots, d.mix, extra)
+    layer_times = {}
+    out, kvs, self.states, self.buffers, self.costs, records = self._forward(plan, ids, inputs, jnp.asarray(vflat),
+                                                                             list(caches), layer_times)
+    caches[:] = kvs
+    result = jax.block_until_ready(out)
+    self._record_layers(plan, jax.device_get(records), vflat, n_tokens, run, layer_times)
+    for name, seconds in layer_times.get(None, {}).items():
+      run.add_time(name, seconds)
     run.end_step(time.perf_counter() - t0, head_bytes=self.head_bytes)
     return result
 

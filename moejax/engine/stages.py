@@ -1,22 +1,26 @@
-"""The engine's device work between two host decisions, as one jitted segment.
+"""The engine's forward step, written once against an `ops` object.
 
-A forward step alternates device compute and host work (copies into the
-expert cache, CPU experts). The device work between two MoE layers is one
-*segment*: the previous MoE layer's experts (from its cache slots) and shared
-experts, the dense layers in between, the next MoE layer's attention and
-router, the prefetch for it (predictor + admission) and its scheduling
-decision. The first segment starts from the embedding, the last ends with the
-output head. `segment` is written once against an `ops` object and runs two
+A step runs the decoder layer by layer. At each MoE layer the policy's
+scheduling decision (substitution, copies with eviction, CPU work) is made
+from the router scores, the layer's cache slots are filled from the host
+store, pairs left off the device run on the host, and the layer's experts are
+then read from its slots. `forward` holds this data flow once and runs two
 ways:
 
-- fused (`fused_segment`): the whole segment traced into one jit, modules
-  rebuilt inside it from flat leaves. One dispatch per MoE layer; the default.
-- staged (`StagedOps`): every stage its own jitted call, optionally blocked on
-  and timed by name ("attention", "experts", "plan", "prefetch", "head"); the
-  engine's profile mode.
+- fused (`fused_forward`, the default): the whole step is one jitted program.
+  Copies happen inside it: each expert is sliced from the `pinned_host` store,
+  moved to device memory and written into its slot
+  (`moejax.offload.cache.fill_slots`), and CPU pairs run under
+  `compute_on("device_host")` (`moejax.offload.cpu.host_experts`). One
+  dispatch and one small device->host read (the counters) per step.
+- staged (`StagedOps`): every stage its own jitted call, blocked on and timed
+  per layer by name ("attention", "experts", "plan", "prefetch", "copy",
+  "cpu", "head"); the engine's profile mode. It can also measure the copy and
+  CPU costs that the balance policies' split uses.
 
-Segments are keyed by what they compute, not by layer index, so layers with
-equal structure share one compilation.
+The step between two MoE layers is a *segment*: the previous MoE layer's
+experts (or the embedding), the dense layers in between, then the next MoE
+layer's attention, router, prefetch and plan (or the output head).
 """
 
 from __future__ import annotations
@@ -27,13 +31,20 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from moejax.engine.schedule import LayerDecision, prefetch_layer, schedule_exact, schedule_layer
+from moejax.engine.schedule import COUNTERS, LayerDecision, prefetch_layer, schedule_exact, schedule_layer
 from moejax.models import moe
 from moejax.models.config import MoEConfig
 from moejax.models.decoder import lm_logits
+from moejax.offload.cache import fill_slots
+from moejax.offload.cpu import host_experts
+from moejax.scheduling import balance, cache
 from moejax.scheduling.policies import PolicySpec
+
+_CPU_PAIRS = COUNTERS.index("cpu_pairs")
+_CPU_EXPERTS = COUNTERS.index("cpu_experts")
 
 
 class ModuleDef(NamedTuple):
@@ -67,47 +78,54 @@ class Edges(nnx.Module):
     return lm_logits(self.norm, self.lm_head, self.embed_tokens[...], h)
 
 
-class Plan(NamedTuple):
-  """What a segment computes (static, hashable; no layer indices).
+class Segment(NamedTuple):
+  """From MoE layer `prev`'s experts (None: the embedding) through `dense` to layer `next`'s plan (None: the head).
 
-  has_prev: starts from a MoE layer's experts (else from the embedding).
-  n_dense: dense layers in between.
-  has_next: ends with a MoE layer's plan (else with the output head).
-  prefetch: predictor for the next layer ("provisional", "gate",
-    "activation") or None (no prefetch in this segment).
-  exact: the next layer streams every expert (own routing, no cache).
-  score: the head returns next-token log-probs of all positions (else the
-    last position's logits).
+  prefetch: predictor run for `next` ("provisional", "gate", "activation") or None.
+  cpu: `next` may compute pairs on the host.
+  """
+
+  prev: int | None
+  dense: tuple[int, ...]
+  next: int | None
+  prefetch: str | None
+  cpu: bool
+
+
+class StepPlan(NamedTuple):
+  """What one forward step computes (static, hashable).
+
+  exact: every MoE layer streams all its experts in and computes the model's
+    own routing (exact prefill, layerwise policy); warm: then fills the
+    layer's cache from the streamed experts.
+  score: the head returns next-token log-probs of all positions (else the last
+    position's logits); keep_experts: records the experts computed per pair.
   """
 
   config: MoEConfig
   spec: PolicySpec
   substitute_weight: str
-  has_prev: bool
-  n_dense: int
-  has_next: bool
-  prefetch: str | None
+  segments: tuple[Segment, ...]
   exact: bool
+  warm: bool
   score: bool
+  keep_experts: bool
 
 
-class SegmentOut(NamedTuple):
-  """h `[B, T, D]`; x `[N, D]` FFN input and scores `[N, E]` of the next MoE layer; kvs of the
-  segment's layers; decision / prefetch admission for the next layer; host: their `pack_host`
-  vector; out: the head's output (last segment)."""
+class Records(NamedTuple):
+  """What the host reads after a step, per MoE layer in order.
 
-  h: Any
-  x: Any
-  scores: Any
-  kvs: list
-  decision: LayerDecision | None
-  prefetch: Any
+  host: `[L_moe, len(COUNTERS) + 2]` int32: the plan's counters, then the
+  experts copied on demand and by the prefetch. experts: per MoE layer
+  `[N, k]` experts computed per pair (with `keep_experts`), else None.
+  """
+
   host: Any
-  out: Any
+  experts: Any
 
 
 # ----------------------------------------------------------------------------
-# Stages: f(static, module, *args); the module is a layer or `Edges`.
+# Stages: f(static, module, *args); the module is a decoder layer, `Edges`, or None.
 # ----------------------------------------------------------------------------
 
 
@@ -163,6 +181,30 @@ def _prefetch(static, layer, pred, valid, state, alpha):
   return prefetch_layer(config, spec, pred, valid, state, alpha, layer.mlp.router.selection_bias())
 
 
+def _fill(_, __, buffers, source, experts, slots):
+  return fill_slots(buffers, source, experts, slots)
+
+
+def _stream(_, __, store):
+  """Every expert of a layer `[E, ...]` copied to device memory (slot = expert id)."""
+  return jax.device_put(store, jax.memory.Space.Device)
+
+
+def _warm(policy, _, state, scores, valid, selected, buffers, streamed):
+  """After an exact layer: admits the experts its tokens used (`selected` `[N, k]`), most important first, into
+  the cache, copying them from `streamed` (already on the device: nothing more crosses the host link)."""
+  e = scores.shape[-1]
+  used = jnp.zeros(e, bool).at[selected].max(jnp.broadcast_to(valid[:, None], selected.shape))
+  priority = jnp.max(jnp.where(valid[:, None], scores, 0.0), axis=0)
+  state, adm = cache.admit(state, used, jnp.zeros(e, bool), priority, policy=policy,
+                           max_loads=min(state.num_slots, e))
+  return cache.observe(state, scores, used, valid), fill_slots(buffers, streamed, adm.experts, adm.slots)
+
+
+def _cpu(act, _, x, store, experts, mix, on_cpu):
+  return host_experts(x, store, experts, mix, on_cpu, act)
+
+
 def _head(score, edges, h, ids):
   """Last-position logits `[B, V]`, or with `score` (log p(ids[:, t+1] | ...), argmax == target), each `[B, T-1]`."""
   if not score:
@@ -173,195 +215,278 @@ def _head(score, edges, h, ids):
   return logp, jnp.argmax(logits, axis=-1) == targets
 
 
-def pack_host(decision: LayerDecision, prefetch) -> jax.Array:
-  """The int32 vector the host reads after a segment: loads, load slots, counters[, prefetch experts, slots]."""
-  parts = [decision.loads, decision.load_slots, decision.counters]
-  if prefetch is not None:
-    parts += [prefetch.experts, prefetch.slots]
-  return jnp.concatenate(parts)
+def _record(keep_experts, _, decision: LayerDecision, prefetch):
+  n_prefetch = jnp.int32(0) if prefetch is None else (prefetch.experts >= 0).sum()
+  host = jnp.concatenate([decision.counters, jnp.stack([(decision.loads >= 0).sum(), n_prefetch]).astype(jnp.int32)])
+  return host, decision.experts if keep_experts else None
 
 
 # ----------------------------------------------------------------------------
-# The segment, written once
+# The step, written once
 # ----------------------------------------------------------------------------
 
 
-def segment(ops, plan: Plan, h, x, buffers, slots, mix, extra, ids, inputs, kvs, state, costs, alpha, sim, valid,
-            prior) -> SegmentOut:
-  """Device work from MoE layer `prev`'s experts (or the embedding) to layer `next`'s plan (or the head).
+def forward(ops, step: StepPlan, ids, inputs, valid, kvs, states, buffers, store, costs, alpha, sims, prior):
+  """One forward step of the decoder under the policy.
 
   Args:
     ops: `InlineOps` (inside one jit) or `StagedOps`.
-    plan: the static `Plan`.
-    h: `[B, T, D]` residual entering prev's FFN (ignored without prev).
-    x, buffers, slots, mix, extra: prev's FFN input `[N, D]`, slot buffers,
-      per-pair slots / mixing weights `[N, k]` and CPU output `[N, D]` (or None).
-    ids: `[B, T]` token ids (embedding and scoring).
-    inputs: the step's `AttentionInputs`.
-    kvs: KV caches of the dense layers then (with a next layer) of next.
-    state, sim: next's `CacheState` (or None) and similarity matrix (or None).
+    step: the static `StepPlan`.
+    ids: `[B, T]` token ids; inputs: the step's `AttentionInputs`; valid: `[N]`
+      bool, real tokens (N = B * T).
+    kvs: per layer, its KV cache.
+    states, buffers, store, sims: dicts keyed by MoE layer: `CacheState` (or
+      None), slot buffers `ExpertWeights` `[S, ...]` (or None), host store
+      `[E, ...]` (None: experts resident in `buffers`), similarity `[E, E]` (or None).
     costs, alpha, prior: cost model, substitution threshold, cache-prior strength.
-    valid: `[N]` bool, real tokens.
+
+  Returns:
+    (head output, kvs, states, buffers, costs, `Records`).
   """
-  kvs = list(kvs)
-  if plan.has_prev:
-    prov, h = ops.experts(h, x, buffers, slots, mix, extra)
-  else:
-    h = ops.embed(ids)
-  for i in range(plan.n_dense):
-    h, kvs[i] = ops.attend_dense(i, h, inputs, kvs[i])
-  if not plan.has_next:
-    return SegmentOut(h, None, None, kvs, None, None, None, ops.head(h, ids))
-  prev_x = x
-  # The paper's predictor: the next layer's attention and gate on the provisional output. Without CPU experts
-  # or dense layers in between that is exactly the real next layer's input, so its real scores serve.
-  reuse = extra is None and plan.n_dense == 0
-  if plan.prefetch == "provisional" and not reuse:
-    pred = ops.peek_scores(prov, inputs, kvs[-1])
-  h, x, scores, kvs[-1] = ops.attend_route(h, inputs, kvs[-1])
-  adm, prefetched = None, jnp.zeros(plan.config.num_experts, bool)
-  if plan.prefetch is not None:
-    if plan.prefetch == "provisional":
-      pred = scores if reuse else pred
-    elif plan.prefetch == "gate":
-      pred = ops.gate_scores(prev_x)
-    else:  # activation counts: no score prediction
-      pred = jnp.zeros(scores.shape, jnp.float32)
-    state, adm, prefetched = ops.prefetch(pred, valid, state, alpha)
-  decision = ops.schedule(scores, valid, state, costs, alpha, sim, prefetched, prior)
-  return SegmentOut(h, x, scores, kvs, decision, adm, ops.pack(decision, adm), None)
+  kvs, states, buffers = list(kvs), dict(states), dict(buffers)
+  records = []
+  h = ops.embed(ids)
+  pending = None  # the MoE layer whose experts start the next segment
+  for seg in step.segments:
+    extra = has_cpu = None
+    if seg.prev is not None:
+      h_in, x, layer_buffers, slots, mix, extra, has_cpu = pending
+      prov, h = ops.experts(seg.prev, h_in, x, layer_buffers, slots, mix, extra)
+    for l in seg.dense:
+      h, kvs[l] = ops.attend_dense(l, h, inputs, kvs[l])
+    if seg.next is None:
+      return ops.head(step.score, h, ids), kvs, states, buffers, costs, ops.pack(records)
+    l = seg.next
+    # The paper's predictor: the next layer's attention and gate on the provisional output. Without CPU pairs or
+    # dense layers in between that is exactly the real next layer's input, so its real scores serve.
+    pred = None
+    if seg.prefetch == "provisional" and (seg.dense or extra is not None):
+      pred = ops.peek_scores(l, prov, inputs, kvs[l], when=None if seg.dense else has_cpu)
+    prev_x = None if seg.prev is None else x
+    h, x, scores, kvs[l] = ops.attend_route(l, h, inputs, kvs[l])
+    state, adm, prefetched = states[l], None, jnp.zeros(step.config.num_experts, bool)
+    if seg.prefetch is not None:
+      if seg.prefetch == "provisional":
+        pred = ops.either(None if seg.dense else has_cpu, pred, scores)
+      elif seg.prefetch == "gate":
+        pred = ops.gate_scores(l, prev_x)
+      else:  # activation counts: no score prediction
+        pred = jnp.zeros(scores.shape, jnp.float32)
+      state, adm, prefetched = ops.prefetch(l, step, pred, valid, state, alpha)
+    d = ops.schedule(l, step, scores, valid, state, costs, alpha, sims[l], prefetched, prior)
+    states[l] = d.state
+    extra = has_cpu = None
+    if step.exact:
+      layer_buffers = buffers[l] if store[l] is None else ops.stream(l, store[l])
+      if step.warm and states[l] is not None:
+        states[l], buffers[l] = ops.warm(l, step, states[l], scores, valid, d.experts, buffers[l], layer_buffers)
+    else:
+      if store[l] is not None and states[l] is not None:
+        if adm is not None:  # the prefetch's copies, then the plan's
+          buffers[l] = ops.fill(l, buffers[l], store[l], adm.experts, adm.slots)
+        buffers[l] = ops.fill(l, buffers[l], store[l], d.loads, d.load_slots)
+      if seg.cpu:
+        has_cpu = d.counters[_CPU_PAIRS] > 0
+        extra = ops.cpu(l, has_cpu, x, store[l], d)
+      layer_buffers = buffers[l]
+      costs = ops.measured_costs(costs)
+    records.append(ops.record(d, adm, step.keep_experts))
+    pending = (h, x, layer_buffers, d.slots, d.mix, extra, has_cpu)
+  raise ValueError("a step's last segment must end with the output head")
 
 
 class InlineOps:
-  """Stages called directly on modules (inside the fused jit)."""
+  """Stages called directly on the modules, all inside one jit (`fused_forward`)."""
 
-  def __init__(self, plan: Plan, act: str, prev, dense, nxt, edges):
-    self.plan, self.act = plan, act
-    self.prev, self.dense, self.next, self.edges = prev, dense, nxt, edges
+  def __init__(self, act: str, layers: list, edges):
+    self.act, self.layers, self.edges = act, layers, edges
 
   def embed(self, ids):
     return _embed(None, self.edges, ids)
 
-  def attend_dense(self, i, h, inputs, kv):
-    return _attend_dense(None, self.dense[i], h, inputs, kv)
+  def attend_dense(self, l, h, inputs, kv):
+    return _attend_dense(None, self.layers[l], h, inputs, kv)
 
-  def attend_route(self, h, inputs, kv):
-    return _attend_route(None, self.next, h, inputs, kv)
+  def attend_route(self, l, h, inputs, kv):
+    return _attend_route(None, self.layers[l], h, inputs, kv)
 
-  def peek_scores(self, h, inputs, kv):
-    return _peek_scores(None, self.next, h, inputs, kv)
+  def peek_scores(self, l, h, inputs, kv, when):
+    peek = lambda: _peek_scores(None, self.layers[l], h, inputs, kv)
+    if when is None:
+      return peek()
+    shape = jax.eval_shape(peek)
+    return jax.lax.cond(when, peek, lambda: jnp.zeros(shape.shape, shape.dtype))
 
-  def gate_scores(self, x):
-    return _gate_scores(None, self.next, x)
+  @staticmethod
+  def either(when, pred, scores):
+    if pred is None:
+      return scores
+    return pred if when is None else jnp.where(when, pred, scores)
 
-  def experts(self, h, x, buffers, slots, mix, extra):
-    return _experts(self.act, self.prev, h, x, buffers, slots, mix, extra)
+  def gate_scores(self, l, x):
+    return _gate_scores(None, self.layers[l], x)
 
-  def schedule(self, scores, valid, state, costs, alpha, sim, prefetched, prior):
-    p = self.plan
-    return _schedule((p.config, p.spec, p.substitute_weight, p.exact), self.next, scores, valid, state, costs, alpha,
-                     sim, prefetched, prior)
+  def experts(self, l, h, x, buffers, slots, mix, extra):
+    return _experts(self.act, self.layers[l], h, x, buffers, slots, mix, extra)
 
-  def prefetch(self, pred, valid, state, alpha):
-    return _prefetch((self.plan.config, self.plan.spec), self.next, pred, valid, state, alpha)
+  def schedule(self, l, step, scores, valid, state, costs, alpha, sim, prefetched, prior):
+    return _schedule((step.config, step.spec, step.substitute_weight, step.exact), self.layers[l], scores, valid,
+                     state, costs, alpha, sim, prefetched, prior)
 
-  def head(self, h, ids):
-    return _head(self.plan.score, self.edges, h, ids)
+  def prefetch(self, l, step, pred, valid, state, alpha):
+    return _prefetch((step.config, step.spec), self.layers[l], pred, valid, state, alpha)
 
-  def pack(self, decision, adm):
-    return pack_host(decision, adm)
+  def fill(self, l, buffers, source, experts, slots):
+    return _fill(None, None, buffers, source, experts, slots)
+
+  def stream(self, l, store):
+    return _stream(None, None, store)
+
+  def warm(self, l, step, state, scores, valid, selected, buffers, streamed):
+    return _warm(step.spec.eviction or "score", None, state, scores, valid, selected, buffers, streamed)
+
+  def cpu(self, l, has_cpu, x, store, d: LayerDecision):
+    return jax.lax.cond(has_cpu, lambda: _cpu(self.act, None, x, store, d.experts, d.mix, d.on_cpu),
+                        lambda: jnp.zeros(x.shape, jnp.float32))
+
+  @staticmethod
+  def measured_costs(costs):
+    return costs
+
+  def head(self, score, h, ids):
+    return _head(score, self.edges, h, ids)
+
+  @staticmethod
+  def record(d, adm, keep_experts):
+    return _record(keep_experts, None, d, adm)
+
+  @staticmethod
+  def pack(records):
+    return Records(jnp.stack([r[0] for r in records]), [r[1] for r in records])
 
 
-class SegmentModules(NamedTuple):
-  """The modules a segment reads, each as (ModuleDef, leaves) or None."""
+def fused_forward(step: StepPlan, act: str, layer_defs: tuple, edges_def: ModuleDef, donate_buffers: bool) -> Callable:
+  """`forward` as one jitted call: fn(layer_leaves, edges_leaves, ids, inputs, valid, kvs, states, buffers, store,
+  costs, alpha, sims, prior), modules rebuilt inside from their leaves (`layer_defs`: per layer).
 
-  prev: tuple[ModuleDef, list] | None
-  dense: tuple[tuple[ModuleDef, list], ...]
-  next: tuple[ModuleDef, list] | None
-  edges: tuple[ModuleDef, list] | None
-
-
-def fused_segment(plan: Plan, act: str, defs: tuple) -> Callable:
-  """`segment` as one jitted call: fn(leaves, h, x, ...) with `leaves` matching `defs` (prev, dense, next, edges).
-
+  KV caches and cache states are donated (updated in place); slot buffers too
+  with `donate_buffers` (not when they are the model's own resident experts).
   Not cached here: the engine keeps its own jitted functions, so that its
   compiled executables (and their code mappings) are freed with it.
   """
-  prev_def, dense_defs, next_def, edges_def = defs
 
-  def run(leaves, *args):
-    prev_l, dense_l, next_l, edges_l = leaves
-    ops = InlineOps(
-        plan, act,
-        None if prev_def is None else prev_def.build(prev_l),
-        [d.build(l) for d, l in zip(dense_defs, dense_l)],
-        None if next_def is None else next_def.build(next_l),
-        None if edges_def is None else edges_def.build(edges_l),
-    )
-    return segment(ops, plan, *args)
+  def run(layer_leaves, edges_leaves, *args):
+    ops = InlineOps(act, [d.build(lv) for d, lv in zip(layer_defs, layer_leaves)], edges_def.build(edges_leaves))
+    return forward(ops, step, *args)
 
-  return jax.jit(run, donate_argnums=(9,))  # the segment's KV caches are updated in place
+  return jax.jit(run, donate_argnums=(5, 6, 7) if donate_buffers else (5, 6))
 
 
 class StagedOps:
-  """Stages as separate jitted calls on (ModuleDef, leaves); with `timer`, each is blocked on and timed.
+  """Stages as separate jitted calls; with `timer`, each is blocked on and timed.
 
-  timer: None, or `timer(name, seconds)` receiving "attention", "experts",
-  "plan", "prefetch" or "head" per stage.
-  jits: the caller's dict of jitted stages (kept across segments and steps).
+  timer: None, or `timer(layer, name, seconds)` receiving each stage's layer
+    (None for embedding and head) and name.
+  measure_costs: time every copy and CPU pass (blocking) and fold them into
+    the cost model (the balance policies' split), as `measured_costs` returns it.
+  jits: the caller's dict of jitted stages (kept across steps).
   """
 
-  def __init__(self, plan: Plan, act: str, modules: SegmentModules, jits: dict, timer=None):
-    self.plan, self.act, self.m, self.jits, self.timer = plan, act, modules, jits, timer
+  def __init__(self, act: str, layers: list, edges, jits: dict, timer=None, measure_costs: bool = False):
+    self.act, self.layers, self.edges, self.jits = act, layers, edges, jits
+    self.timer, self.measure_costs = timer, measure_costs
+    self._measured = {}
 
-  def _call(self, name, fn, static, module, *args, donate=()):
-    mdef, leaves = module
+  def _call(self, layer, name, fn, static, module, *args, donate=()):
+    mdef, leaves = module if module is not None else (None, None)
     t = time.perf_counter()
     key = (fn, static, mdef, donate)
     if key not in self.jits:
-      self.jits[key] = jax.jit(lambda leaves, *a: fn(static, mdef.build(leaves), *a), donate_argnums=donate)
+      build = (lambda lv: mdef.build(lv)) if mdef is not None else (lambda lv: None)
+      self.jits[key] = jax.jit(lambda lv, *a: fn(static, build(lv), *a), donate_argnums=donate)
     out = self.jits[key](leaves, *args)
-    if self.timer is not None:
+    seconds = None
+    if self.timer is not None or (self.measure_costs and name in ("copy", "cpu")):
       jax.block_until_ready(out)
-      self.timer(name, time.perf_counter() - t)
-    return out
+      seconds = time.perf_counter() - t
+      if self.timer is not None:
+        self.timer(layer, name, seconds)
+    return out, seconds
+
+  def _run(self, layer, name, fn, static, module, *args, donate=()):
+    return self._call(layer, name, fn, static, module, *args, donate=donate)[0]
 
   def embed(self, ids):
-    return self._call("head", _embed, None, self.m.edges, ids)
+    return self._run(None, "head", _embed, None, self.edges, ids)
 
-  def attend_dense(self, i, h, inputs, kv):
-    return self._call("attention", _attend_dense, None, self.m.dense[i], h, inputs, kv, donate=(3,))
+  def attend_dense(self, l, h, inputs, kv):
+    return self._run(l, "attention", _attend_dense, None, self.layers[l], h, inputs, kv, donate=(3,))
 
-  def attend_route(self, h, inputs, kv):
-    return self._call("attention", _attend_route, None, self.m.next, h, inputs, kv, donate=(3,))
+  def attend_route(self, l, h, inputs, kv):
+    return self._run(l, "attention", _attend_route, None, self.layers[l], h, inputs, kv, donate=(3,))
 
-  def peek_scores(self, h, inputs, kv):
-    return self._call("prefetch", _peek_scores, None, self.m.next, h, inputs, kv)
+  def peek_scores(self, l, h, inputs, kv, when):
+    if when is not None and not bool(when):
+      return None
+    return self._run(l, "prefetch", _peek_scores, None, self.layers[l], h, inputs, kv)
 
-  def gate_scores(self, x):
-    return self._call("prefetch", _gate_scores, None, self.m.next, x)
+  @staticmethod
+  def either(when, pred, scores):
+    return scores if pred is None else pred
 
-  def experts(self, h, x, buffers, slots, mix, extra):
-    return self._call("experts", _experts, self.act, self.m.prev, h, x, buffers, slots, mix, extra)
+  def gate_scores(self, l, x):
+    return self._run(l, "prefetch", _gate_scores, None, self.layers[l], x)
 
-  def schedule(self, scores, valid, state, costs, alpha, sim, prefetched, prior):
-    p = self.plan
-    return self._call("plan", _schedule, (p.config, p.spec, p.substitute_weight, p.exact), self.m.next, scores, valid,
-                      state, costs, alpha, sim, prefetched, prior)
+  def experts(self, l, h, x, buffers, slots, mix, extra):
+    return self._run(l, "experts", _experts, self.act, self.layers[l], h, x, buffers, slots, mix, extra)
 
-  def prefetch(self, pred, valid, state, alpha):
-    return self._call("prefetch", _prefetch, (self.plan.config, self.plan.spec), self.m.next, pred, valid, state,
-                      alpha)
+  def schedule(self, l, step, scores, valid, state, costs, alpha, sim, prefetched, prior):
+    return self._run(l, "plan", _schedule, (step.config, step.spec, step.substitute_weight, step.exact),
+                     self.layers[l], scores, valid, state, costs, alpha, sim, prefetched, prior)
 
-  def head(self, h, ids):
-    return self._call("head", _head, self.plan.score, self.m.edges, h, ids)
+  def prefetch(self, l, step, pred, valid, state, alpha):
+    return self._run(l, "prefetch", _prefetch, (step.config, step.spec), self.layers[l], pred, valid, state, alpha)
 
-  def pack(self, decision, adm):
-    t = time.perf_counter()
-    out = _pack_jit(decision, adm)
-    if self.timer is not None:
-      self.timer("plan", time.perf_counter() - t)
+  def fill(self, l, buffers, source, experts, slots):
+    n = int((np.asarray(experts) >= 0).sum())
+    if not n:
+      return buffers
+    out, seconds = self._call(l, "copy", _fill, None, None, buffers, source, experts, slots, donate=(1,))
+    if seconds is not None:
+      self._measured["load"] = (self._measured.get("load", (0.0, 0))[0] + seconds,
+                                self._measured.get("load", (0.0, 0))[1] + n)
     return out
 
+  def stream(self, l, store):
+    return self._run(l, "copy", _stream, None, None, store)
 
-_pack_jit = jax.jit(pack_host)
+  def warm(self, l, step, state, scores, valid, selected, buffers, streamed):
+    return self._run(l, "copy", _warm, step.spec.eviction or "score", None, state, scores, valid, selected, buffers,
+                     streamed, donate=(5,))
+
+  def cpu(self, l, has_cpu, x, store, d: LayerDecision):
+    if not bool(has_cpu):
+      return None
+    out, seconds = self._call(l, "cpu", _cpu, self.act, None, x, store, d.experts, d.mix, d.on_cpu)
+    if seconds is not None:
+      self._measured["cpu"] = (seconds, int(d.counters[_CPU_EXPERTS]))
+    return out
+
+  def measured_costs(self, costs):
+    """Folds the copies and CPU pass timed since the last call into `costs` (with `measure_costs`)."""
+    if self.measure_costs and self._measured:
+      load_s, n_load = self._measured.get("load", (None, 0))
+      cpu_s, n_cpu = self._measured.get("cpu", (None, 0))
+      costs = balance.update_costs(costs, load_s=load_s, n_load=n_load, cpu_s=cpu_s, n_cpu=n_cpu)
+    self._measured = {}
+    return costs
+
+  def head(self, score, h, ids):
+    return self._run(None, "head", _head, score, self.edges, h, ids)
+
+  def record(self, d, adm, keep_experts):
+    return self._run(None, "plan", _record, keep_experts, None, d, adm)
+
+  @staticmethod
+  def pack(records):
+    return Records(np.stack([np.asarray(r[0]) for r in records]), [r[1] for r in records])

@@ -40,7 +40,7 @@ from moejax.scheduling.similarity import load_similarity
 # model_args understood by `MoejaxLM.from_options`, with the type each is parsed to.
 ENGINE_OPTIONS = {
     "policy": str, "alpha": float, "cache_slots": int, "cache_bytes": int, "cache_fraction": float, "window": int,
-    "substitute_weight": str, "cache_prior_strength": float, "policy_in_prefill": bool, "host_memory_kind": str,
+    "substitute_weight": str, "cache_prior_strength": float, "policy_in_prefill": bool,
     "profile": bool, "record_routing": bool,
 }
 ADAPTER_OPTIONS = {

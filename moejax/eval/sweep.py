@@ -49,7 +49,6 @@ def base_config() -> ml_collections.ConfigDict:
       "window": 8,
       "substitute_weight": "own",
       "policy_in_prefill": False,
-      "host_memory_kind": "numpy",
       "similarity": "",  # .npz from experiments/similarity.py; default router cosine
   })
   c.speed = ml_collections.ConfigDict({

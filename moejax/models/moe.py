@@ -128,14 +128,15 @@ def routed_experts(
     flat_slots, flat_mix = slots.reshape(-1), mix.reshape(-1).astype(jnp.float32)
 
     def add_one(p, out):
-      s = flat_slots[p]
-      idx = jnp.maximum(s, 0)
-      g, u, d = (jax.lax.dynamic_index_in_dim(w, idx, keepdims=False) for w in weights)
+      g, u, d = (jax.lax.dynamic_index_in_dim(w, flat_slots[p], keepdims=False) for w in weights)
       xi = jax.lax.dynamic_index_in_dim(x, p // k, keepdims=False)
       y = _expert_ffn(xi, g, u, d, act).astype(jnp.float32)
-      return out.at[p // k].add(jnp.where(s >= 0, flat_mix[p], 0.0) * y)
+      return out.at[p // k].add(flat_mix[p] * y)
 
-    out = jax.lax.fori_loop(0, n * k, add_one, jnp.zeros(x.shape, jnp.float32))
+    def maybe_add(p, out):  # skipped pairs read no weights
+      return jax.lax.cond(flat_slots[p] >= 0, add_one, lambda _, o: o, p, out)
+
+    out = jax.lax.fori_loop(0, n * k, maybe_add, jnp.zeros(x.shape, jnp.float32))
     return out.astype(x.dtype)
 
   num_slots = weights.gate.shape[0]

@@ -3,27 +3,46 @@
 The jitted expert computation reads weights from these buffers by slot index
 (`moejax.models.moe.routed_experts`). Which expert sits in which slot is
 scheduler state (`moejax.scheduling.CacheState`); this module owns only the
-buffers and the in-place writes that fill slots from host copies.
+buffers and the in-place copies that fill slots from the host store.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from moejax.models.config import MoEConfig
 from moejax.models.moe import ExpertWeights
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _write_slots(buffers: ExpertWeights, slots: jax.Array, new: ExpertWeights) -> ExpertWeights:
-  """buffers `[S, ...]`, slots `[M]`, new `[M, ...]` (or M-tuples) -> buffers with slots overwritten."""
-  stacked = ExpertWeights(*(jnp.stack(a) if isinstance(a, (tuple, list)) else a for a in new))
-  return ExpertWeights(*(b.at[slots].set(n.astype(b.dtype)) for b, n in zip(buffers, stacked)))
+def fill_slots(buffers: ExpertWeights, source: ExpertWeights, experts: jax.Array, slots: jax.Array) -> ExpertWeights:
+  """Copies experts `[M]` of `source` into `slots` `[M]` of `buffers` (entries with expert < 0 are skipped).
+
+  Traceable: the engine calls it inside its jitted step. `source` is the
+  layer's host store `[E, ...]` (`pinned_host` memory) or a device copy of it;
+  each expert is sliced where it lives, moved to device memory and written into
+  its slot with `dynamic_update_slice`, so with donated `buffers` a copy moves
+  each expert's bytes once, into place.
+  """
+
+  def one(i, bufs):
+    e, s = experts[i], slots[i]
+
+    def copy(bufs):
+      return ExpertWeights(*(
+          jax.lax.dynamic_update_index_in_dim(
+              b, jax.device_put(jax.lax.dynamic_index_in_dim(w, e, keepdims=True), jax.memory.Space.Device), s, 0)
+          for b, w in zip(bufs, source)))
+
+    return jax.lax.cond(e >= 0, copy, lambda b: b, bufs)
+
+  return jax.lax.fori_loop(0, experts.shape[0], one, buffers)
+
+
+write_slots = jax.jit(fill_slots, donate_argnums=0)
+"""`fill_slots` as its own jitted call (buffers donated: updated in place)."""
 
 
 def empty_slots(config: MoEConfig, num_slots: int, dtype, device=None) -> ExpertWeights:
@@ -33,11 +52,6 @@ def empty_slots(config: MoEConfig, num_slots: int, dtype, device=None) -> Expert
     return ExpertWeights(
         jnp.zeros((num_slots, d, f), dtype), jnp.zeros((num_slots, d, f), dtype), jnp.zeros((num_slots, f, d), dtype)
     )
-
-
-def write_slots(buffers: ExpertWeights, slots: np.ndarray, new: ExpertWeights) -> ExpertWeights:
-  """Writes device copies `new` into `slots` of `buffers` in place (buffers are donated)."""
-  return _write_slots(buffers, jnp.asarray(slots, jnp.int32), new)
 
 
 def resolve_cache_slots(

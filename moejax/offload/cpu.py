@@ -1,31 +1,34 @@
-"""CPU-assisted expert computation: missed experts run on the host from host weights."""
+"""CPU-assisted expert computation: missed experts run on the host, reading the host store in place."""
 
 from __future__ import annotations
 
-import numpy as np
+import functools
 
-from moejax.models.moe import ExpertWeights
+import jax
+import jax.numpy as jnp
+from jax.experimental.compute_on import compute_on
 
-
-def _silu(x):
-  return x / (1.0 + np.exp(-x))
-
-
-def _gelu_tanh(x):
-  return 0.5 * x * (1.0 + np.tanh(0.7978845608028654 * (x + 0.044715 * x**3)))
+from moejax.models.moe import ExpertWeights, routed_experts
 
 
-_ACTS = {"silu": _silu, "swish": _silu, "gelu_pytorch_tanh": _gelu_tanh, "relu": lambda x: np.maximum(x, 0)}
+@compute_on("device_host")
+@functools.partial(jax.jit, static_argnames="act")
+def _on_host(x, store, pairs, mix, act):
+  return routed_experts(x, store, pairs, mix, act)
 
 
-def cpu_experts(
-    x: np.ndarray, weights: ExpertWeights, experts: np.ndarray, mix: np.ndarray, on_cpu: np.ndarray, act: str
-) -> np.ndarray:
-  """Weighted outputs of the (token, expert) pairs marked `on_cpu`, computed with numpy.
+def host_experts(
+    x: jax.Array, store: ExpertWeights, experts: jax.Array, mix: jax.Array, on_cpu: jax.Array, act: str
+) -> jax.Array:
+  """Weighted outputs of the (token, expert) pairs marked `on_cpu`, computed on the host.
+
+  Traceable (the engine's jitted step calls it): the activations move to host
+  memory, the pairs run under `compute_on("device_host")` on the store's
+  weights where they lie, and the result moves back to device memory.
 
   Args:
-    x: `[N, D]` token activations (host copy).
-    weights: the layer's host experts `[E, ...]`.
+    x: `[N, D]` token activations.
+    store: the layer's host experts `[E, ...]` (`pinned_host` arrays).
     experts: `[N, k]` expert ids; mix: `[N, k]` mixing weights.
     on_cpu: `[N, k]` bool, pairs computed here.
     act: activation name.
@@ -33,14 +36,7 @@ def cpu_experts(
   Returns:
     `[N, D]` float32: sum over the CPU pairs of mix * expert(x).
   """
-  if act not in _ACTS:
-    raise ValueError(f"CPU expert compute does not support hidden_act {act!r}; supported: {sorted(_ACTS)}.")
-  out = np.zeros(x.shape, np.float32)
-  x32 = x.astype(np.float32)
-  for e in np.unique(experts[on_cpu]):
-    tok, pos = np.nonzero(on_cpu & (experts == e))
-    g, u, d = (np.asarray(a[e], np.float32) for a in weights)
-    xe = x32[tok]
-    y = (_ACTS[act](xe @ g) * (xe @ u)) @ d
-    np.add.at(out, tok, mix[tok, pos, None].astype(np.float32) * y)
-  return out
+  to_host = lambda a: jax.device_put(a, jax.memory.Space.Host)
+  pairs = jnp.where(on_cpu, experts, -1)
+  y = _on_host(to_host(x.astype(jnp.float32)), store, to_host(pairs), to_host(mix), act=act)
+  return jax.device_put(y, jax.memory.Space.Device)

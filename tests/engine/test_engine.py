@@ -177,3 +177,31 @@ def test_forced_tokens_score_the_decode_path(host_model, reference):
       PROMPTS, NEW, MASK, forced_tokens=tokens[:, t:])
   np.testing.assert_allclose(result.logprobs, logp, atol=2e-4)
   assert result.greedy.all()
+
+
+@pytest.mark.parametrize("policy", ["+pre", "lfu", "cpu"])
+def test_profile_mode_runs_the_same_step(host_model, policy):
+  """Stage by stage (host decisions between jitted stages) equals the fused step (in-graph conds and copies)."""
+  runs = []
+  for profile in (False, True):
+    engine = Engine(host_model, policy=policy, alpha=0.3, cache_slots=TOP_K, profile=profile)
+    runs.append(engine.generate(PROMPTS, NEW, MASK))
+  fused, staged = runs
+  np.testing.assert_array_equal(staged.tokens, fused.tokens)
+  np.testing.assert_allclose(staged.logprobs, fused.logprobs, atol=1e-5)
+  assert staged.stats["per_layer"] == fused.stats["per_layer"]
+  assert fused.stats["cpu_pairs"] > 0  # batch 3 at k slots: some pairs always run on the host
+  assert {"attention", "plan", "experts", "head"} <= set(staged.stats["times_s"])
+  assert ("cpu" if policy == "cpu" else "copy") in staged.stats["times_s"]
+  assert fused.stats["times_s"] == {}  # the fused step times nothing inside itself
+
+
+def test_balance_costs_are_measured_once_and_kept(host_model):
+  engine = Engine(host_model, policy="smoe", alpha=0.3, cache_slots=TOP_K)
+  assert engine.calibrated_costs is None
+  engine.generate(PROMPTS[:1], 2)
+  costs = engine.calibrated_costs
+  assert float(costs.n_load) == TOP_K and float(costs.n_cpu) == TOP_K
+  assert 0 < float(costs.load_s) < 1e-3 and 0 < float(costs.cpu_s) < 1e-3  # measured, not the 1 ms priors
+  engine.reset()
+  assert engine.costs is costs
