@@ -4,7 +4,8 @@ On the shipped default model and a random ~128M-parameter Qwen2-MoE (8
 layers, 32 experts, top-4, hidden 512; built once with transformers and
 cached), times in one run, on the same weights and thread count:
 - transformers (PyTorch CPU) greedy decode, batch 1 and 4 (TTFT, TPOT);
-- moejax `Model.generate` (fully resident, one jitted step), batch 1 and 4;
+- moejax `Model.generate` (fully resident; the greedy decode loop is one jitted
+  program), batch 1 and 4;
 - llama.cpp `llama-bench` on the same checkpoint converted to GGUF f32, batch 1
   (built into a cache folder by `benchmarks/llama_cpp.py`; skipped with
   `--no-llama_cpp`);
@@ -36,6 +37,7 @@ from common import (
   DEFAULT_CHECKPOINT,
   build_checkpoint,
   copy_bandwidth,
+  decode_step_s,
   time_model_generate,
   warm_engine_run,
   write_report,
@@ -77,10 +79,9 @@ def time_engine(model, policy: str, slots: int, batch: int, new_tokens: int, alp
   ids = np.random.RandomState(0).randint(0, model.config.vocab_size, (batch, 16))
   result = warm_engine_run(model, ids, new_tokens, policy=policy, alpha=alpha, cache_slots=slots)
   s = result.stats
-  steps = [t.wall_s for t in result.trace if t.kind == "decode"][1:]
   return {
       "policy": policy, "alpha": alpha, "cache_slots": slots, "batch": batch,
-      "tpot_s": float(np.median(steps)), "hit_ratio": s["hit_ratio"], "bytes_to_device": s["bytes_to_device"],
+      "tpot_s": decode_step_s(result), "hit_ratio": s["hit_ratio"], "bytes_to_device": s["bytes_to_device"],
       "cpu_experts": s["cpu_experts"], "substitution_rate": s["substitution_rate"],
   }
 

@@ -3,9 +3,9 @@
 On the random ~128M-parameter Qwen2-MoE of `decode_speed.py`, for every
 registered policy at cache_slots E/4 and E/2 (smoe family at alpha 0.3,
 baselines at alpha 0), decodes twice:
-- the engine as users run it (one jitted program per step, copies into the
-  cache slots and CPU experts inside it): TPOT (median steady decode step),
-  hit ratio, bytes copied, CPU experts;
+- the engine as users run it (the whole decode one jitted program, copies
+  into the cache slots and CPU experts inside it): TPOT (its run time per
+  decode step), hit ratio, bytes copied, CPU experts;
 - `Engine(profile=True)`: every stage its own jitted call, blocked on and
   timed, giving per decode step the model's own work: attention, experts,
   head, copies, CPU experts and the prefetch predictor.
@@ -26,7 +26,14 @@ import argparse
 
 import numpy as np
 
-from common import DEFAULT_CHECKPOINT, build_checkpoint, time_model_generate, warm_engine_run, write_report
+from common import (
+  DEFAULT_CHECKPOINT,
+  build_checkpoint,
+  decode_step_s,
+  time_model_generate,
+  warm_engine_run,
+  write_report,
+)
 
 EDGE_PROFILES = ("rtx3080ti_12gb", "rtx4060ti_16gb", "a6000_48gb")
 SMOE_FAMILY = ("smoe", "+cr", "+pre", "+ba")
@@ -39,7 +46,7 @@ def run_policy(model, policy: str, slots: int, alpha: float, prompt: np.ndarray,
   from moejax.sim import estimate_tpot
 
   result = warm_engine_run(model, prompt, new_tokens, policy=policy, alpha=alpha, cache_slots=slots)
-  step_s = float(np.median([t.wall_s for t in result.trace if t.kind == "decode"][1:]))
+  step_s = decode_step_s(result)
   staged = warm_engine_run(model, prompt, new_tokens, policy=policy, alpha=alpha, cache_slots=slots,
                            profile=True)
   steps = sum(t.kind == "decode" for t in staged.trace)

@@ -6,8 +6,10 @@ layer by layer, the policy plans each MoE layer from its router scores
 slots are filled from the `pinned_host` expert store inside the program, pairs
 left off the device run on the host (`compute_on("device_host")`), and the
 experts are read from the slots. The host dispatches one call per step and
-reads back one small int32 array of counters. `profile=True` runs the same
-step stage by stage, blocked on and timed per layer.
+reads back one small int32 array of counters. `generate` runs the whole decode
+(sampling included) as one program, a scan of that step, and reads every step's
+counters at the end; with a `stop` callback, or `profile=True` (the same step
+stage by stage, blocked on and timed per layer), the host drives step by step.
 
 With alpha = 0 every policy computes exactly the model's own experts, so the
 tokens equal the resident model's (tested for every policy and budget).
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import itertools
 import time
 from collections.abc import Callable, Sequence
@@ -32,10 +33,12 @@ from moejax.engine import sampling
 from moejax.engine.schedule import COUNTERS
 from moejax.engine.stages import (
   Edges,
+  Records,
   Segment,
   StagedOps,
   StepPlan,
   forward,
+  fused_decode,
   fused_forward,
   split_module,
 )
@@ -73,15 +76,7 @@ class GenerationResult:
   routing: list[dict[int, np.ndarray]]
 
 
-@functools.partial(jax.jit, static_argnames=("temperature", "top_p"))
-def _emit(logits, key, forced, *, temperature, top_p):
-  """Picks the next tokens `[B]` (forced, or sampled from logits `[B, V]`); returns (token, logp, greedy, key)."""
-  key, sub = jax.random.split(key)
-  token = forced if forced is not None else sampling.sample(logits, sub, temperature=temperature, top_p=top_p)
-  logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
-  return token, logp, jnp.argmax(logits, axis=-1) == token, key
-
-
+_emit = jax.jit(sampling.emit, static_argnames=("temperature", "top_p"))
 _attention_inputs = jax.jit(attention_inputs, static_argnums=0)
 
 
@@ -389,12 +384,13 @@ class Engine:
     return {l: np.bincount(sel.ravel(), minlength=self.config.num_experts) for l, sel in run.routing[0].items()}
 
   def _step(self, ids, positions, valid, index, caches, run, kind, score=False):
-    """One forward step of T tokens per sequence.
+    """One forward step of T tokens per sequence, recorded into `run`.
 
     Args:
-      ids: `[B, T]` int32; positions: `[B, T]` rotary positions; valid:
-        `[B, T]` numpy bool (False: padding); index: cache row of the first token;
-      caches: per layer KV cache, updated in place (the list's entries are replaced).
+      ids: `[B, T]` int32 (numpy or device); positions: `[B, T]` rotary
+        positions; valid: `[B, T]` numpy bool (False: padding); index: cache row
+        of the first token; caches: per layer KV cache (the list's entries are
+        replaced by the step's outputs).
 
     Returns last-position logits `[B, V]`, or with `score` the next-token
     log-probabilities and argmax flags of the step's own tokens (`[B, T-1]` each).
@@ -403,21 +399,66 @@ class Engine:
     if self.spec.balance and not exact and not self.profile and self.calibrated_costs is None:
       self.costs = self.calibrated_costs = self.calibrate_costs()  # once per engine; kept across `reset`
     t0 = time.perf_counter()
-    n_tokens = int(valid.sum())
-    run.begin_step(kind, tokens=n_tokens)
     plan = self._step_plan(exact, score)
     vflat = valid.reshape(-1)
     inputs = _attention_inputs(self.config, positions, jnp.asarray(valid), index)
     layer_times = {}
-    out, kvs, self.states, self.buffers, self.costs, records = self._forward(plan, ids, inputs, jnp.asarray(vflat),
-                                                                             list(caches), layer_times)
+    out, kvs, self.states, buffers, self.costs, records = self._forward(plan, ids, inputs, jnp.asarray(vflat),
+                                                                        list(caches), layer_times)
     caches[:] = kvs
-    result = jax.block_until_ready(out)
-    self._record_layers(plan, jax.device_get(records), vflat, n_tokens, run, layer_times)
+    if buffers is not None:
+      self.buffers = buffers
+    records = jax.device_get(records)
+    out = jax.block_until_ready(out)
+    n_tokens = int(vflat.sum())
+    run.begin_step(kind, tokens=n_tokens)
+    self._record_layers(plan, records, vflat, n_tokens, run, layer_times)
     for name, seconds in layer_times.get(None, {}).items():
       run.add_time(name, seconds)
     run.end_step(time.perf_counter() - t0, head_bytes=self.head_bytes)
-    return result
+    return out
+
+  def _decode_on_device(self, logits, key, forced, feed, positions, index, n, caches, run, temperature, top_p):
+    """Emits n >= 2 tokens from the prompt's logits `[B, V]` with the n - 1 decode steps between them in one
+    program (`stages.fused_decode`), then records every step from the counters it returns.
+
+    forced: `[B, n]` or None; feed: `[B, n]` bool (step i's token is real);
+    positions `[B, 1]` / index: of the first decode step. The steps' wall times
+    are the program's run time (compilation excluded) shared evenly.
+    Returns (tokens, logp, greedy), each `[B, n]`.
+    """
+    exact = self.spec.layerwise
+    if self.spec.balance and not exact and self.calibrated_costs is None:
+      self.costs = self.calibrated_costs = self.calibrate_costs()
+    plan = self._step_plan(exact, score=False)
+    length = bucket(n)
+    pad = lambda a: None if a is None else np.pad(a, ((0, 0), (0, length - n)))
+    store = {l: None if self.store is None else self.store.layers[l] for l in self.config.moe_layer_ids}
+    sims = {l: self.sim.get(l) for l in self.config.moe_layer_ids}
+    args = ([lv for _, lv in self.layer_mods], self.edges[1], logits, key, pad(forced), pad(feed), positions,
+            jnp.int32(index), jnp.int32(n), list(caches), self.states, self.buffers, store, self.costs, self.alpha,
+            sims, self.prior_strength)
+    signature = ("decode", plan, length, temperature, top_p, forced is None, logits.shape, caches[0].k.shape)
+    compiled = self._jits.get(signature)
+    if compiled is None:  # compiled ahead of the timed run
+      fn = fused_decode(plan, self.config.hidden_act, tuple(d for d, _ in self.layer_mods), self.edges[0],
+                        self.spec.cache, length=length, temperature=temperature, top_p=top_p)
+      compiled = self._jits[signature] = fn.lower(*args).compile()
+    t0 = time.perf_counter()
+    out = compiled(*args)
+    tokens, logp, greedy, steps = jax.device_get((out.tokens, out.logp, out.greedy, out.records))
+    per_step = (time.perf_counter() - t0) / (n - 1)
+    caches[:] = out.kvs
+    self.states, self.costs = out.states, out.costs
+    if out.buffers is not None:
+      self.buffers = out.buffers
+    for i in range(n - 1):
+      valid = feed[:, i]
+      run.begin_step("decode", tokens=int(valid.sum()))
+      records = Records(steps.host[i], [None if e is None else e[i] for e in steps.experts])
+      self._record_layers(plan, records, valid, int(valid.sum()), run, {})
+      run.end_step(per_step, head_bytes=self.head_bytes)
+    return tuple(np.ascontiguousarray(a[:n].T) for a in (tokens, logp, greedy))
 
   def new_run_stats(self) -> RunStats:
     """An empty `RunStats` for this engine, to accumulate several calls (`run_stats=`) into."""
@@ -511,6 +552,12 @@ class Engine:
     caches = self.model.init_caches(b, cache_length or bucket(t + max_new_tokens))
     key = jax.random.PRNGKey(seed)
     logits = self._step(ids, positions, valid, 0, caches, run, "prefill")
+    if max_new_tokens >= 2 and stop is None and not self.profile:  # the whole decode as one program
+      gen, logps, greedy = self._decode_on_device(logits, key, forced_tokens, feed, positions[:, -1:] + 1, t,
+                                                  max_new_tokens, caches, run, temperature, top_p)
+      return GenerationResult(tokens=np.concatenate([ids, gen.astype(np.int32)], axis=1), logprobs=logps,
+                              greedy=greedy, stats=run.summary(), trace=run.trace, routing=run.routing)
+    # The host drives the steps: a stop callback sees each token, or profile mode times each stage.
     out, logps, greedy = [], [], []
     for step in range(max_new_tokens):
       forced = None if forced_tokens is None else forced_tokens[:, step]

@@ -23,3 +23,14 @@ def sample(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0, top_p
     cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def emit(logits: jax.Array, key: jax.Array, forced: jax.Array | None, *, temperature: float, top_p: float):
+  """Picks the next tokens `[B]` (forced, or sampled from logits `[B, V]`).
+
+  Returns (token `[B]`, its log-probability `[B]`, whether it is the argmax `[B]`, the next key).
+  """
+  key, sub = jax.random.split(key)
+  token = forced if forced is not None else sample(logits, sub, temperature=temperature, top_p=top_p)
+  logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+  return token, logp, jnp.argmax(logits, axis=-1) == token, key

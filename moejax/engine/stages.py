@@ -34,10 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moejax.engine import sampling
 from moejax.engine.schedule import COUNTERS, LayerDecision, prefetch_layer, schedule_exact, schedule_layer
 from moejax.models import moe
 from moejax.models.config import MoEConfig
 from moejax.models.decoder import lm_logits
+from moejax.models.layers import attention_inputs
 from moejax.offload.cache import fill_slots
 from moejax.offload.cpu import host_experts
 from moejax.scheduling import balance, cache
@@ -370,16 +372,81 @@ def fused_forward(step: StepPlan, act: str, layer_defs: tuple, edges_def: Module
   costs, alpha, sims, prior), modules rebuilt inside from their leaves (`layer_defs`: per layer).
 
   KV caches and cache states are donated (updated in place); slot buffers too
-  with `donate_buffers` (not when they are the model's own resident experts).
+  with `donate_buffers`; without it they are the model's own resident experts,
+  never written, and the call returns None in their place.
   Not cached here: the engine keeps its own jitted functions, so that its
   compiled executables (and their code mappings) are freed with it.
   """
 
   def run(layer_leaves, edges_leaves, *args):
     ops = InlineOps(act, [d.build(lv) for d, lv in zip(layer_defs, layer_leaves)], edges_def.build(edges_leaves))
-    return forward(ops, step, *args)
+    out, kvs, states, buffers, costs, records = forward(ops, step, *args)
+    # Returning buffers that are not donated would copy them (the model's whole resident expert set) every step.
+    return out, kvs, states, buffers if donate_buffers else None, costs, records
 
   return jax.jit(run, donate_argnums=(5, 6, 7) if donate_buffers else (5, 6))
+
+
+class Decoded(NamedTuple):
+  """What `fused_decode` returns: per emitted token `[length, B]` token, logp, greedy; per forward step the
+  `Records` stacked on a leading `[length]` axis; and the state it leaves (kvs, states, buffers, costs)."""
+
+  tokens: Any
+  logp: Any
+  greedy: Any
+  records: Records
+  kvs: Any
+  states: Any
+  buffers: Any
+  costs: Any
+
+
+def fused_decode(step: StepPlan, act: str, layer_defs: tuple, edges_def: ModuleDef, donate_buffers: bool, *,
+                 length: int, temperature: float, top_p: float) -> Callable:
+  """Decoding on the device: n emitted tokens and the n - 1 forward steps between them as one program.
+
+  fn(layer_leaves, edges_leaves, logits, key, forced, feed, positions, index, n, kvs, states, buffers, store,
+  costs, alpha, sims, prior) -> `Decoded`. logits `[B, V]` come from the prompt; forced `[B, length]` tokens to
+  feed instead of sampling (or None); feed `[B, length]` bool, whether forward step i's token of a row is
+  real; positions `[B, 1]` and index: rotary position and cache row of the first step, advancing by one per
+  step; n <= length (traced). Every step is `forward` exactly as `fused_forward` runs it, so the two agree
+  token for token; the host reads all steps' counters once at the end.
+  """
+
+  def run(layer_leaves, edges_leaves, logits, key, forced, feed, positions, index, n, kvs, states, buffers, store,
+          costs, alpha, sims, prior):
+    ops = InlineOps(act, [d.build(lv) for d, lv in zip(layer_defs, layer_leaves)], edges_def.build(edges_leaves))
+
+    def emit(i, logits, key):
+      token = None if forced is None else jax.lax.dynamic_index_in_dim(forced, i, axis=1, keepdims=False)
+      return sampling.emit(logits, key, token, temperature=temperature, top_p=top_p)
+
+    def forward_step(i, carry):
+      logits, key, kvs, states, buffers, costs = carry
+      token, logp, greedy, key = emit(i, logits, key)
+      valid = jax.lax.dynamic_slice_in_dim(feed, i, 1, axis=1)
+      inputs = attention_inputs(step.config, positions + i, valid, index + i)
+      out, kvs, states, buffers, costs, records = forward(ops, step, token[:, None], inputs, valid.reshape(-1), kvs,
+                                                          states, buffers, store, costs, alpha, sims, prior)
+      return (out, key, kvs, states, buffers, costs), (token, logp, greedy, records)
+
+    init = (logits, key, kvs, states, buffers, costs)
+    shapes = jax.eval_shape(forward_step, jnp.int32(0), init)[1]
+
+    def skip(_, carry):
+      return carry, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+    def scan_step(carry, i):  # steps past n - 1 only pass the carry on (length is a bucket of n)
+      return jax.lax.cond(i < n - 1, forward_step, skip, i, carry)
+
+    carry, ys = jax.lax.scan(scan_step, init, jnp.arange(length))
+    logits, key, kvs, states, buffers, costs = carry
+    token, logp, greedy, _ = emit(n - 1, logits, key)
+    last = lambda y, v: jax.lax.dynamic_update_index_in_dim(y, v, n - 1, 0)
+    return Decoded(last(ys[0], token), last(ys[1], logp), last(ys[2], greedy), ys[3], kvs, states,
+                   buffers if donate_buffers else None, costs)
+
+  return jax.jit(run, donate_argnums=(9, 10, 11) if donate_buffers else (9, 10))
 
 
 class StagedOps:

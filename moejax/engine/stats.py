@@ -69,7 +69,9 @@ class RunStats:
     """Headline numbers plus per-layer arrays (decode steps unless named otherwise).
 
     tpot_s is the mean decode step time excluding the first decode step
-    (which includes compilation) when there are at least two; ttft_s is the
+    (which includes compilation when the host drives the steps) when there
+    are at least two; a decode run on the device as one program shares its
+    run time (compilation excluded) evenly among its steps; ttft_s is the
     prefill step time (including compilation on a cold engine); times_s holds
     the seconds measured per stage name over decode steps (stage timing needs
     `Engine(profile=True)`; copies and CPU work are timed when blocking anyway).

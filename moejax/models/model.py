@@ -56,6 +56,28 @@ def _forward_jit(graphdef, state, experts, ids, positions, valid, caches, index)
   return decoder_lib.forward(decoder, experts, ids, positions, valid, index, caches)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(5,))
+def _greedy_jit(graphdef, length, state, experts, logits, caches, positions, index, steps):
+  """Greedy decoding as one program: (`steps` (<= length) tokens `[B, length]`, the rest zeros; caches).
+
+  logits: `[B, 1, V]` after the prompt; positions: `[B, 1]` rotary position
+  and index: cache row of the first new token, both advancing by one per step.
+  """
+  decoder = nnx.merge(graphdef, state)
+  ones = jnp.ones(positions.shape, bool)
+  first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+
+  def step(i, carry):
+    token, caches, out = carry
+    logits, caches = decoder_lib.forward(decoder, experts, token[:, None], positions + i, ones, index + i, caches)
+    token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    return token, caches, out.at[:, i + 1].set(token)
+
+  out = jnp.zeros((first.shape[0], length), jnp.int32).at[:, 0].set(first)
+  _, caches, out = jax.lax.fori_loop(0, steps - 1, step, (first, caches, out))
+  return out, caches  # the caches are returned so that their donated buffers carry the loop in place
+
+
 class Model:
   """A loaded MoE model. Use `moejax.load(path)` to build one.
 
@@ -110,14 +132,10 @@ class Model:
     caches = self.init_caches(b, bucket(t + max_new_tokens))
     positions = prompt_positions(mask)
     logits, caches = _forward_jit(self.graphdef, self.state, experts, ids, positions, mask, caches, 0)
-    out = [ids[:, t - t_in :]]
-    next_pos = positions[:, -1:] + 1
-    ones = jnp.ones((b, 1), bool)
-    for step in range(max_new_tokens):
-      token = jnp.argmax(logits[:, -1:], axis=-1).astype(jnp.int32)
-      out.append(token)
-      if step == max_new_tokens - 1:
-        break
-      logits, caches = _forward_jit(self.graphdef, self.state, experts, token, next_pos, ones, caches, t + step)
-      next_pos = next_pos + 1
-    return np.asarray(jnp.concatenate(out, axis=1))
+    prompt = np.asarray(ids[:, t - t_in :])
+    if max_new_tokens <= 0:
+      return prompt
+    # Bucketed output length: the decode loop compiles once for many max_new_tokens.
+    new, _ = _greedy_jit(self.graphdef, bucket(max_new_tokens), self.state, experts, logits[:, -1:], caches,
+                      positions[:, -1:] + 1, t, max_new_tokens)
+    return np.concatenate([prompt, np.asarray(new)[:, :max_new_tokens]], axis=1)

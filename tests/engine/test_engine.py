@@ -205,3 +205,18 @@ def test_balance_costs_are_measured_once_and_kept(host_model):
   assert 0 < float(costs.load_s) < 1e-3 and 0 < float(costs.cpu_s) < 1e-3  # measured, not the 1 ms priors
   engine.reset()
   assert engine.costs is costs
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_device_decode_loop_equals_host_driven_steps(host_model, temperature):
+  """`generate` as one program equals the host stepping the same fused step (a stop callback that never stops)."""
+  engine = Engine(host_model, policy="smoe", alpha=0.3, cache_slots=TOP_K)
+  runs = []
+  for stop in (None, lambda tokens: False):
+    engine.reset()  # measured balance costs are kept: both runs split loads and CPU work alike
+    runs.append(engine.generate(PROMPTS, NEW, MASK, temperature=temperature, seed=3, stop=stop))
+  on_device, stepped = runs
+  np.testing.assert_array_equal(on_device.tokens, stepped.tokens)
+  np.testing.assert_allclose(on_device.logprobs, stepped.logprobs, atol=1e-5)
+  assert on_device.stats["per_layer"] == stepped.stats["per_layer"]
+  assert [len(t.layers) for t in on_device.trace] == [len(t.layers) for t in stepped.trace]
