@@ -45,7 +45,11 @@ def _machine(report: dict) -> str:
 def decode_section(r: dict) -> list[str]:
   flag = f" --baseline_commit {r['baseline_commit']}" if r.get("baseline_commit") else ""
   out = [f"`python benchmarks/decode_speed.py{flag}` ({_machine(r)}; {r['threads']} threads everywhere, "
-         f"{r['new_tokens']} new tokens after a 16-token prompt, float32):", ""]
+         f"{r['new_tokens']} new tokens after a 16-token prompt, float32). The bandwidth bound divides the weight "
+         "bytes a token reads by the numpy copy bandwidth; a copy reads and writes every byte, so a pure read of the "
+         "weights can beat it (more than 100%). This VM's speed varies between runs by up to ~35% (llama.cpp's "
+         "128M TPOT was 6.3 ms in an earlier run of this script, 4.7 ms in this one); every column of a table comes "
+         "from one run.", ""]
   for model in r["models"]:
     bw = r["copy_bandwidth_Bps"]
     out += [f"**{model['name']}** ({model['params'] / 1e6:.1f}M parameters; {model['active_bytes_per_token'] / 1e6:.0f} MB "
@@ -161,8 +165,8 @@ def goals_section(results: str) -> list[str]:
     caching = [g for (p, slots), g in gross.items() if slots == half and p not in ("resident", "layerwise")]
     out.append(f"- scheduler + Python overhead: the Engine's resident step is {resident:.0%} over `Model.generate` "
                f"(same weights and work, plus the plan, the dispatch and the read-back; goal < 10%: "
-               f"{mark(resident < 0.10)}); at E/2 every caching policy is {min(caching):.0%} to {max(caching):.0%} over "
-               "it, copies and CPU experts included")
+               f"{mark(resident < 0.10)}); at E/2 the caching policies are {min(caching):.0%} to {max(caching):.0%} over "
+               "`Model.generate`, their copies and CPU experts included")
   transfer = _load(results, "transfer")
   if transfer:
     fill = [r["vs_numpy"] for r in transfer["rows"] if r["path"].startswith("engine slot fill")]
