@@ -186,6 +186,11 @@ class Engine:
       self.store = None
       self.resident_experts = model.experts_on_device()
     self.sim = self._similarity(similarity)
+    # Per-engine constants of every step call: module structure and weights, host store and similarity per layer.
+    self._layer_defs = tuple(d for d, _ in self.layer_mods)
+    self._layer_leaves = [lv for _, lv in self.layer_mods]
+    self._store = {l: None if self.store is None else self.store.layers[l] for l in config.moe_layer_ids}
+    self._sims = {l: self.sim.get(l) for l in config.moe_layer_ids}
     self.static_experts = static_experts
     self.dense_bytes = [_tree_nbytes(leaves) for _, leaves in self.layer_mods]  # routed experts are not in the module
     self.expert_bytes = [
@@ -285,6 +290,11 @@ class Engine:
     return balance.update_costs(balance.init_cost_model(), load_s=median(fill), n_load=k, cpu_s=median(compute),
                                 n_cpu=k)
 
+  def _measure_costs_once(self, exact: bool) -> None:
+    """Before the first scheduled step of a balance policy's fused path: `calibrate_costs` (kept across `reset`)."""
+    if self.spec.balance and not exact and not self.profile and self.calibrated_costs is None:
+      self.costs = self.calibrated_costs = self.calibrate_costs()
+
   # --------------------------------------------------------------------------
   # Steps and generation
   # --------------------------------------------------------------------------
@@ -304,9 +314,7 @@ class Engine:
 
   def _forward(self, plan: StepPlan, ids, inputs, vflat, caches, layer_times):
     """Runs `stages.forward`: one jitted call, or staged and timed with profile (times into `layer_times`)."""
-    store = {l: None if self.store is None else self.store.layers[l] for l in self.config.moe_layer_ids}
-    sims = {l: self.sim.get(l) for l in self.config.moe_layer_ids}
-    args = (ids, inputs, vflat, caches, self.states, self.buffers, store, self.costs, self.alpha, sims,
+    args = (ids, inputs, vflat, caches, self.states, self.buffers, self._store, self.costs, self.alpha, self._sims,
             self.prior_strength)
     if self.profile:
 
@@ -318,9 +326,9 @@ class Engine:
       return forward(ops, plan, *args)
     fn = self._jits.get(plan)
     if fn is None:
-      fn = self._jits[plan] = fused_forward(plan, self.config.hidden_act, tuple(d for d, _ in self.layer_mods),
-                                            self.edges[0], donate_buffers=self.spec.cache)
-    return fn([lv for _, lv in self.layer_mods], self.edges[1], *args)
+      fn = self._jits[plan] = fused_forward(plan, self.config.hidden_act, self._layer_defs, self.edges[0],
+                                            donate_buffers=self.spec.cache)
+    return fn(self._layer_leaves, self.edges[1], *args)
 
   def _record_layers(self, plan: StepPlan, records, vflat, n_tokens, run, layer_times) -> None:
     """Counters, copies and the trace event of every layer of a finished step."""
@@ -396,8 +404,7 @@ class Engine:
     log-probabilities and argmax flags of the step's own tokens (`[B, T-1]` each).
     """
     exact = (kind == "prefill" and not self.policy_in_prefill) or self.spec.layerwise
-    if self.spec.balance and not exact and not self.profile and self.calibrated_costs is None:
-      self.costs = self.calibrated_costs = self.calibrate_costs()  # once per engine; kept across `reset`
+    self._measure_costs_once(exact)
     t0 = time.perf_counter()
     plan = self._step_plan(exact, score)
     vflat = valid.reshape(-1)
@@ -428,21 +435,18 @@ class Engine:
     Returns (tokens, logp, greedy), each `[B, n]`.
     """
     exact = self.spec.layerwise
-    if self.spec.balance and not exact and self.calibrated_costs is None:
-      self.costs = self.calibrated_costs = self.calibrate_costs()
+    self._measure_costs_once(exact)
     plan = self._step_plan(exact, score=False)
     length = bucket(n)
     pad = lambda a: None if a is None else np.pad(a, ((0, 0), (0, length - n)))
-    store = {l: None if self.store is None else self.store.layers[l] for l in self.config.moe_layer_ids}
-    sims = {l: self.sim.get(l) for l in self.config.moe_layer_ids}
-    args = ([lv for _, lv in self.layer_mods], self.edges[1], logits, key, pad(forced), pad(feed), positions,
-            jnp.int32(index), jnp.int32(n), list(caches), self.states, self.buffers, store, self.costs, self.alpha,
-            sims, self.prior_strength)
+    args = (self._layer_leaves, self.edges[1], logits, key, pad(forced), pad(feed), positions, jnp.int32(index),
+            jnp.int32(n), list(caches), self.states, self.buffers, self._store, self.costs, self.alpha, self._sims,
+            self.prior_strength)
     signature = ("decode", plan, length, temperature, top_p, forced is None, logits.shape, caches[0].k.shape)
     compiled = self._jits.get(signature)
     if compiled is None:  # compiled ahead of the timed run
-      fn = fused_decode(plan, self.config.hidden_act, tuple(d for d, _ in self.layer_mods), self.edges[0],
-                        self.spec.cache, length=length, temperature=temperature, top_p=top_p)
+      fn = fused_decode(plan, self.config.hidden_act, self._layer_defs, self.edges[0], self.spec.cache,
+                        length=length, temperature=temperature, top_p=top_p)
       compiled = self._jits[signature] = fn.lower(*args).compile()
     t0 = time.perf_counter()
     out = compiled(*args)

@@ -303,6 +303,11 @@ class InlineOps:
   def __init__(self, act: str, layers: list, edges):
     self.act, self.layers, self.edges = act, layers, edges
 
+  @classmethod
+  def build(cls, act: str, layer_defs, edges_def: ModuleDef, layer_leaves, edges_leaves) -> InlineOps:
+    """Rebuilds the modules from their `ModuleDef`s and leaves (inside a jit)."""
+    return cls(act, [d.build(lv) for d, lv in zip(layer_defs, layer_leaves)], edges_def.build(edges_leaves))
+
   def embed(self, ids):
     return _embed(None, self.edges, ids)
 
@@ -379,7 +384,7 @@ def fused_forward(step: StepPlan, act: str, layer_defs: tuple, edges_def: Module
   """
 
   def run(layer_leaves, edges_leaves, *args):
-    ops = InlineOps(act, [d.build(lv) for d, lv in zip(layer_defs, layer_leaves)], edges_def.build(edges_leaves))
+    ops = InlineOps.build(act, layer_defs, edges_def, layer_leaves, edges_leaves)
     out, kvs, states, buffers, costs, records = forward(ops, step, *args)
     # Returning buffers that are not donated would copy them (the model's whole resident expert set) every step.
     return out, kvs, states, buffers if donate_buffers else None, costs, records
@@ -415,7 +420,7 @@ def fused_decode(step: StepPlan, act: str, layer_defs: tuple, edges_def: ModuleD
 
   def run(layer_leaves, edges_leaves, logits, key, forced, feed, positions, index, n, kvs, states, buffers, store,
           costs, alpha, sims, prior):
-    ops = InlineOps(act, [d.build(lv) for d, lv in zip(layer_defs, layer_leaves)], edges_def.build(edges_leaves))
+    ops = InlineOps.build(act, layer_defs, edges_def, layer_leaves, edges_leaves)
 
     def emit(i, logits, key):
       token = None if forced is None else jax.lax.dynamic_index_in_dim(forced, i, axis=1, keepdims=False)
@@ -520,8 +525,8 @@ class StagedOps:
       return buffers
     out, seconds = self._call(l, "copy", _fill, None, None, buffers, source, experts, slots, donate=(1,))
     if seconds is not None:
-      self._measured["load"] = (self._measured.get("load", (0.0, 0))[0] + seconds,
-                                self._measured.get("load", (0.0, 0))[1] + n)
+      total, count = self._measured.get("load", (0.0, 0))
+      self._measured["load"] = (total + seconds, count + n)
     return out
 
   def stream(self, l, store):
