@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from moejax.engine import sampling
+from moejax.engine.costs import resolve_costs
 from moejax.engine.schedule import COUNTERS
 from moejax.engine.stages import (
   Edges,
@@ -106,11 +107,14 @@ class Engine:
       is computed exactly with every expert streamed in, and warms the cache).
     static_experts: `[L][S]` resident sets for the static policy (default:
       the most used experts of the first prompt).
+    costs: per-expert copy and CPU costs of the balance split (smoe, mrs):
+      "calibrate" (measured once on this machine, `calibrate_costs`), a
+      hardware profile name, or fixed seconds "LOAD_S,CPU_S" / (load_s, cpu_s);
+      see `moejax.engine.costs`. Fixed costs make runs repeatable.
     profile: run each step stage by stage, blocked on and timed per layer
       (attention, plan, prefetch, copy, cpu, experts, head); slower. With a
-      balance policy (smoe, mrs) the split then uses the copy and CPU costs
-      measured in every step; otherwise they are measured once, on the first
-      step (`calibrate_costs`).
+      balance policy and costs="calibrate" the split then uses the copy and
+      CPU costs measured in every step.
     record_routing: keep the experts computed per token, layer and step in
       `GenerationResult.routing` (for co-activation similarity and tests).
   """
@@ -130,6 +134,7 @@ class Engine:
       cache_prior_strength: float | None = None,
       policy_in_prefill: bool = False,
       static_experts: Sequence[Sequence[int]] | None = None,
+      costs="calibrate",
       profile: bool = False,
       record_routing: bool = False,
   ):
@@ -197,7 +202,9 @@ class Engine:
         config.expert_param_count() * dtype_bytes if config.moe_layers[i] else 0 for i in range(config.num_layers)
     ]
     self.head_bytes = _tree_nbytes(nnx.state(model.decoder.norm)) + config.vocab_size * config.hidden_size * dtype_bytes
-    self.calibrated_costs: balance.CostModel | None = None  # `calibrate_costs` on the first scheduled step
+    # Fixed costs, or None until `calibrate_costs` runs before the first scheduled step.
+    self.fixed_costs = resolve_costs(costs, config)
+    self.calibrated_costs: balance.CostModel | None = self.fixed_costs
     self.reset()
 
   @classmethod
@@ -322,7 +329,7 @@ class Engine:
         layer_times.setdefault(layer, collections.defaultdict(float))[name] += seconds
 
       ops = StagedOps(self.config.hidden_act, self.layer_mods, self.edges, self._jits, timer=timer,
-                      measure_costs=self.spec.balance)
+                      measure_costs=self.spec.balance and self.fixed_costs is None)
       return forward(ops, plan, *args)
     fn = self._jits.get(plan)
     if fn is None:

@@ -32,7 +32,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from moejax.engine import Engine
+from moejax.engine import Engine, costs
 from moejax.eval import scoring
 from moejax.eval.tokenizer import load_tokenizer, prefix_token_id
 from moejax.scheduling.similarity import load_similarity
@@ -41,7 +41,7 @@ from moejax.scheduling.similarity import load_similarity
 ENGINE_OPTIONS = {
     "policy": str, "alpha": float, "cache_slots": int, "cache_bytes": int, "cache_fraction": float, "window": int,
     "substitute_weight": str, "cache_prior_strength": float, "policy_in_prefill": bool,
-    "profile": bool, "record_routing": bool,
+    "profile": bool, "record_routing": bool, "costs": str,
 }
 ADAPTER_OPTIONS = {
     "pretrained": str, "tokenizer": str, "dtype": str, "similarity": str, "batch_size": int, "max_length": int,
@@ -124,6 +124,7 @@ class MoejaxLM(LM):
     if "pretrained" not in opts:
       raise ValueError("model_args needs pretrained=DIR (a HuggingFace checkpoint directory).")
     engine_kw = {k: v for k, v in opts.items() if k in ENGINE_OPTIONS and v is not None}
+    engine_kw.setdefault("costs", costs.DEFAULT_FIXED)  # repeatable scores; costs=calibrate measures this machine
     if opts.get("similarity"):
       engine_kw["similarity"] = load_similarity(opts["similarity"])[0]
     engine = Engine.from_pretrained(opts["pretrained"], dtype=opts.get("dtype") or "float32", **engine_kw)

@@ -26,7 +26,7 @@ from absl import logging
 from ml_collections import config_dict
 
 import moejax
-from moejax.engine import Engine
+from moejax.engine import Engine, costs
 from moejax.eval import perplexity, speed
 from moejax.eval.tasks import PARAGRAPHS_PATH, task_manager
 from moejax.eval.tokenizer import load_tokenizer
@@ -50,6 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
       "substitute_weight": "own",
       "policy_in_prefill": False,
       "similarity": "",  # .npz from experiments/similarity.py; default router cosine
+      # Load/CPU split costs (moejax.engine.costs): a profile name or "LOAD_S,CPU_S" keeps rows repeatable;
+      # "calibrate" measures this machine (wall clock, so a re-run may split differently).
+      "costs": costs.DEFAULT_FIXED,
   })
   c.speed = ml_collections.ConfigDict({
       "prompt_file": PARAGRAPHS_PATH,
@@ -134,7 +137,8 @@ def evaluate_point(model: moejax.Model, tokenizer, cfg, point: Mapping[str, Any]
   measured = measure_speed(engine, tokenizer, cfg.speed)
   measured.pop("trace")
   measured["measured"].pop("per_layer")
-  return {"speed": measured, "accuracy": measure_accuracy(engine, tokenizer, cfg.accuracy)}
+  split = {} if engine.fixed_costs is None else {"costs": costs.describe(engine.fixed_costs)}
+  return {"speed": measured, "accuracy": measure_accuracy(engine, tokenizer, cfg.accuracy), **split}
 
 
 def _point_key(point: Mapping[str, Any]) -> str:

@@ -247,3 +247,25 @@ def get_profile(name: str) -> HardwareProfile:
     raise ValueError(
         f"unknown hardware profile {name!r}; known profiles: {', '.join(sorted(PROFILES))}"
     ) from None
+
+
+def expert_costs(profile: HardwareProfile | str, expert_bytes: int, tokens: int = 1,
+                 dtype_bytes: int = 2) -> tuple[float, float]:
+  """(seconds to copy one expert to the device, seconds to compute it on the CPU) on a profile.
+
+  The per-expert costs the load/CPU split (SPEC section 6) weighs, derived
+  from the profile exactly as the estimator prices one copy batch and one CPU
+  expert: `link_latency_s + expert_bytes / link_bw`, and
+  `max(expert_bytes / cpu_mem_bw, 2 * tokens * params / cpu_flops)` with
+  `params = expert_bytes / dtype_bytes`.
+
+  Args:
+    profile: a `HardwareProfile` or a name in `PROFILES`.
+    expert_bytes: bytes of one routed expert as the target stores it.
+    tokens: tokens the CPU expert processes (1 for batch-1 decode).
+    dtype_bytes: bytes per weight element of `expert_bytes`.
+  """
+  prof = get_profile(profile) if isinstance(profile, str) else profile
+  load_s = prof.link_latency_s + expert_bytes / prof.link_bw
+  cpu_s = max(expert_bytes / prof.cpu_mem_bw, 2.0 * tokens * expert_bytes / dtype_bytes / prof.cpu_flops)
+  return load_s, cpu_s

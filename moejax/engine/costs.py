@@ -1,0 +1,71 @@
+"""Per-expert copy and CPU costs that the load/CPU split weighs (SPEC section 6).
+
+The balance policies split each layer's missed experts between loading and
+CPU computation from two numbers, `C_load` and `C_cpu`. Where they come from
+is an engine option (`Engine(costs=...)`, `--config.engine.costs`):
+
+- `"calibrate"`: measured once per engine on this machine's own kernels
+  (`moejax.engine.Engine.calibrate_costs`). Wall-clock, so two runs of the
+  same setup may split differently and give different accuracy rows.
+- a hardware profile name (`moejax.sim.PROFILES`, e.g. `"rtx4060ti_16gb"`):
+  the costs the pipeline estimator prices for that machine, for experts stored
+  in 16-bit weights (`moejax.sim.profiles.expert_costs`). Deterministic.
+- `"LOAD_S,CPU_S"` or a pair `(load_s, cpu_s)`: fixed seconds. Deterministic.
+
+Sweeps and lm-eval runs default to a profile, so the same setup gives the same
+rows; the choice and the resolved numbers are recorded with every row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from moejax.models.config import MoEConfig
+from moejax.scheduling import balance
+from moejax.sim.profiles import PROFILES, expert_costs
+
+CALIBRATE = "calibrate"
+DEFAULT_FIXED = "rtx4060ti_16gb"  # what sweeps and lm-eval runs use unless told otherwise
+PROFILE_DTYPE_BYTES = 2  # profile costs price 16-bit expert weights, as the estimates do
+
+
+def resolve_costs(costs: str | Sequence[float] | balance.CostModel, config: MoEConfig) -> balance.CostModel | None:
+  """The fixed `CostModel` that `costs` names, or None for `"calibrate"` (measure on this machine).
+
+  Raises ValueError naming the accepted forms for anything else.
+  """
+  if isinstance(costs, balance.CostModel):
+    return costs
+  if isinstance(costs, str):
+    text = costs.strip()
+    if text == CALIBRATE:
+      return None
+    if text in PROFILES:
+      load_s, cpu_s = expert_costs(text, config.expert_param_count() * PROFILE_DTYPE_BYTES,
+                                   dtype_bytes=PROFILE_DTYPE_BYTES)
+      return _fixed(load_s, cpu_s)
+    parts = text.split(",")
+    try:
+      values = [float(p) for p in parts]
+    except ValueError:
+      values = []
+    if len(values) == 2:
+      return _fixed(*values)
+  elif isinstance(costs, Sequence) and len(costs) == 2:
+    return _fixed(*(float(c) for c in costs))
+  raise ValueError(
+      f"costs={costs!r}: use {CALIBRATE!r} (measure on this machine), a hardware profile name "
+      f"({', '.join(sorted(PROFILES))}), or fixed seconds 'LOAD_S,CPU_S' such as '0.002,0.001'."
+  )
+
+
+def _fixed(load_s: float, cpu_s: float) -> balance.CostModel:
+  if not (load_s > 0 and cpu_s > 0):
+    raise ValueError(f"costs must be positive seconds per expert, got load_s={load_s}, cpu_s={cpu_s}.")
+  # n_load / n_cpu = 1: a measurement, not a prior that the first real one replaces.
+  return balance.update_costs(balance.init_cost_model(), load_s=load_s, n_load=1, cpu_s=cpu_s, n_cpu=1)
+
+
+def describe(model: balance.CostModel) -> dict[str, float]:
+  """JSON-ready `{"load_s", "cpu_s"}` of a cost model (recorded with sweep rows)."""
+  return {"load_s": float(model.load_s), "cpu_s": float(model.cpu_s)}
