@@ -155,7 +155,7 @@ def _check_cache(num_slots: int, initial, objective: str) -> np.ndarray:
 
 def _optimum(steps: list[_Step], num_slots: int, initial: np.ndarray, *, bypass: bool, objective: str) -> CacheBound:
   """The exact optimum of the model in the module docstring, as a min-cost flow (a linear program)."""
-  from scipy import optimize, sparse
+  from scipy import optimize, sparse  # imported here: slow to import, and only the bounds need it
 
   if not bypass:
     for t, s in enumerate(steps):
@@ -191,7 +191,7 @@ def _optimum(steps: list[_Step], num_slots: int, initial: np.ndarray, *, bypass:
   first = {x: r for r, x in reversed(list(enumerate(ids.tolist())))}
   starts = np.array([first[x] for x in initial.tolist() if x in first], np.int64)  # an unrequested one never hits
   kept = np.flatnonzero(prev >= 0)
-  groups = [  # (tail, head, lower, upper, cost) per edge kind
+  groups = [  # (kind, tail, head, lower, upper, cost) of each kind of edge
     ("idle", 2 * np.arange(T), 2 * np.arange(T) + 1, 0, num_slots, 0),
     ("gap", 2 * np.arange(T - 1) + 1, 2 * np.arange(T - 1) + 2, 0, num_slots, 0),
     ("admit", before, enter, 0, 1, 0),
