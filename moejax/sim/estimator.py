@@ -149,7 +149,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from moejax.sim.profiles import HardwareProfile, expert_costs, get_profile
-from moejax.sim.trace import SPLITS, LayerEvent, StepTrace
+from moejax.sim.trace import LayerEvent, StepTrace
 
 LABEL = "estimate"
 
@@ -320,7 +320,7 @@ def split_misses(misses: int, c_load: float, c_cpu: float, rule: str) -> int:
     c_cpu: seconds to compute one expert on the CPU.
     rule: "balance" or "greedy".
   """
-  if rule not in SPLITS or not rule:
+  if rule not in ("balance", "greedy"):
     raise ValueError(f"rule must be 'balance' or 'greedy', got {rule!r}")
   c_load, c_cpu = np.float32(c_load), np.float32(c_cpu)
   t_load = t_cpu = np.float32(0)
