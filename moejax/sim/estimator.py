@@ -9,10 +9,35 @@ The pipeline model
 ==================
 
 Three resources, each doing one thing at a time: the GPU (one stream), the
-host->device link (copies are serialised, first issued first served), and
-the CPU (expert matmuls use all cores, one expert batch after another).
-Every step is simulated on its own, starting at t = 0 with all three idle;
-steps do not overlap (each decode step needs the previous token).
+host->device link (copies are served first issued, first served), and the
+CPU (expert matmuls use all cores, one expert batch after another). Every
+step is simulated on its own, starting at t = 0 with all three idle; steps
+do not overlap (each decode step needs the previous token).
+
+One MoE layer l on the GPU (SPEC section 5):
+
+```
+GPU:  attention+router(l) | plan | resident experts(l) | predictor | demand-loaded experts(l) | end
+link:                            | demand loads(l) ............... | prefetch(l+1) .........
+CPU:                             | CPU experts(l) .......................... | result -> GPU
+```
+
+- attention: attention, norms, router, shared experts (or the dense MLP).
+- plan: `plan_s` of the profile, once per MoE layer (not for a layer
+  streamed whole by layerwise loads, whose routing needs no plan). Demand
+  loads and the CPU work are issued when it ends.
+- resident experts: `hits + prefetch_used`; they wait for this layer's
+  prefetch copy (if one was used) and its layerwise copy.
+- predictor, for the next MoE layer, by `LayerEvent.predictor`:
+  "provisional" runs after the resident experts (its input, the provisional
+  output, needs them); "gate" runs right after the plan (it reads this
+  layer's MoE input); "layernorm" runs after the resident experts like the
+  released code's worker thread, but its prefetch is issued only at the
+  layer end; "activation" and "" do no device work and their prefetch is
+  issued at plan end.
+- demand-loaded experts wait for the demand copy.
+- the layer ends when its demand-loaded experts are done and the CPU result
+  is back on the device; layer l+1 starts then (it needs l's output).
 
 Notation for one layer event `ev` of a step with `dtype_bytes` = b and
 `scale` = target_dtype_bytes / b (1 unless `target_dtype_bytes` is given;
@@ -22,72 +47,77 @@ all weight byte counts are multiplied by it, parameter counts are not):
     params(B)      = B / b            (parameters of a weight block of B bytes)
     copy(n)        = link_latency_s + n * expert_bytes * scale / link_bw
     act            = tokens * hidden_size * (target_dtype_bytes or b)  [bytes]
-    n_gpu          = hits + demand_loads + prefetch_used
-    gpu_pairs      = ev.gpu_pairs, or tokens * n_gpu if unknown
+    n_res, n_dem   = hits + prefetch_used, demand_loads
+    gpu_pairs      = ev.gpu_pairs, or tokens * (n_res + n_dem) if unknown
+    dem_pairs      = ev.demand_pairs; if unknown: tokens * n_dem when
+                     gpu_pairs is unknown too, else gpu_pairs split in
+                     proportion to n_res : n_dem
+    res_pairs      = gpu_pairs - dem_pairs
     cpu_pairs      = ev.cpu_pairs, or tokens * cpu_experts if unknown
 
-GPU work of layer l (serial, in this order):
+GPU work of layer l (serial, in the order above):
 
     attention  = gpu(dense_bytes, 2 * tokens * params(dense_bytes)) + kernel_overhead_s
-                 (attention, norms, router, shared experts / dense MLP;
-                 the plan is ready when it ends)
+    plan       = plan_s
     predictor  = gpu(predictor_bytes, 2 * tokens * params(predictor_bytes))
                  + kernel_overhead_s, only if predictor_bytes > 0
-    experts    = gpu(n_gpu * expert_bytes, 2 * gpu_pairs * params(expert_bytes))
+    resident   = gpu(n_res * expert_bytes, 2 * res_pairs * params(expert_bytes))
+    demand     = gpu(n_dem * expert_bytes, 2 * dem_pairs * params(expert_bytes))
 
 FLOP approximation: a matmul with P weights applied to T tokens costs 2*T*P
 FLOPs, so a weight block of B bytes costs 2 * tokens * B / b. This ignores the
 attention score/value products (2 * tokens * context * heads * head_dim,
-relevant only at long context), norms and activations, and, when
-`gpu_pairs`/`cpu_pairs` are not recorded, assumes every computed expert sees
-every token of the step (exact for batch-1 decode, an over-estimate for
-prefill and batched decode). Since both roofline terms are linear in the
-bytes for a fixed token count, summing the attention and expert phases
-equals the single-roofline formula
-max(bytes / gpu_mem_bw, flops / gpu_flops) + kernel_overhead_s over the
-whole layer whenever the pairs are unknown.
+relevant only at long context), norms and activations, and, when the pairs
+are not recorded, assumes every computed expert sees every token of the step
+(exact for batch-1 decode, an over-estimate for prefill and batched decode).
 
 Copies (each kind of copy for one layer is one transfer batch, costing
 `copy(n)`; a batch starts at max(issue time, link free)):
 
 - layerwise loads for layer l are issued when layer l-1 starts (its
   attention start), i.e. streamed one layer ahead; layer 0's at t = 0.
-- demand loads for layer l are issued when layer l's plan is ready (end of
-  its attention).
-- prefetch loads for layer l are issued when layer l-1's attention (and its
-  predictor, if any) is done, so they overlap the rest of layer l-1 and the
-  attention of layer l; a prefetch for layer 0 is issued at t = 0.
+- demand loads for layer l are issued at the end of its plan.
+- the prefetch for MoE layer m is issued by the previous MoE layer l when
+  l's predictor ends ("layernorm": at l's end; "activation" or no
+  predictor: at l's plan end); a prefetch for the first MoE layer of a step
+  is issued at t = 0.
 - the CPU result of layer l (act bytes) goes host->device on the same link
   when the CPU finishes: latency + act / link_bw.
 
-The link serves copies in issue-time order; copies issued at the same time
-queue as layerwise(l+1), demand(l), CPU result(l), prefetch(l+1).
+The link serves copies in issue-time order (so layer l's prefetch queues
+behind its demand loads); copies issued at the same time queue as
+layerwise(l+1), demand(l), CPU result(l), prefetch(next). Unused prefetches
+cost link time only (they can delay later copies). The GPU's waits for
+copies before the resident and the demand-loaded experts are the layer's
+copy stall.
 
-Layer l's expert phase starts at
-max(end of attention/predictor, end of the demand batch of l if any, end of
-the prefetch batch for l if prefetch_used > 0, end of the layerwise batch for
-l if any and n_gpu > 0). Unused prefetches cost link time only (they can
-delay later copies). The gap between the end of attention/predictor and the
-expert start is the layer's copy stall.
-
-CPU experts of layer l: the activations go device->host (latency +
-act / link_bw; the other link direction, so not queued behind host->device
-copies; skipped when act = 0), then the CPU computes
+CPU experts of layer l: the activations go device->host at plan end
+(latency + act / link_bw; the other link direction, so not queued behind
+host->device copies; skipped when act = 0), then the CPU computes
 
     cpu = max(cpu_experts * expert_bytes * scale / cpu_mem_bw,
               2 * cpu_pairs * params(expert_bytes) / cpu_flops)
 
-(= cpu_experts * max(per-expert bytes / cpu_mem_bw, per-expert flops /
-cpu_flops) when the pairs are unknown), overlapping the copies and the GPU
-expert phase. The CPU sums its experts' weighted outputs, so one act-sized
-result is copied back (skipped when act = 0).
+overlapping the copies and the GPU. The CPU sums its experts' weighted
+outputs, so one act-sized result is copied back (skipped when act = 0).
 
-Layer l ends at max(end of its GPU expert phase, end of its CPU result
-copy); layer l+1 starts then (its attention needs layer l's output). After
-the last layer the head runs on the GPU:
+After the last layer the head runs on the GPU:
 gpu(head_bytes, 2 * tokens * params(head_bytes)) + kernel_overhead_s
 (embedding rows, final norm, lm head; the embedding lookup is accounted at
 the end, which changes no total). The step time is the head's end.
+
+The load/CPU split on the target
+================================
+A layer whose misses were split by a rule (`LayerEvent.split` "balance" or
+"greedy") is re-split with the profile's own per-expert costs
+(`moejax.sim.profiles.expert_costs`, at the layer's mean tokens per missed
+expert): `split_misses` counts how many of the `demand_loads + cpu_experts`
+misses the rule loads. Both rules fix the counts from the number of misses and
+the two costs alone. The demand/CPU experts and their pairs move in
+proportion. Only this layer's timing changes: the experts the target would
+have loaded instead of computing (or the reverse) would also change later
+hits, which a trace cannot replay. `estimate_tpot(..., resplit=False)` keeps
+the recorded split.
 
 Reported numbers
 ================
@@ -97,11 +127,13 @@ Reported numbers
   sequence one token). None when the trace has no decode step.
 - `ttft_s`: mean over prefills of the estimated prefill time, where a prefill
   is a maximal run of consecutive prefill steps (chunks); None if none.
-- per step (`StepEstimate`) and per layer (`LayerTimeline`): gpu_s (GPU busy),
-  link_s (transfers serving this layer, both directions), cpu_s (CPU busy),
-  stall_s = copy_stall_s + cpu_wait_s, where cpu_wait_s is the time the layer
-  end waits for the CPU path after the GPU experts are done. For every layer,
-  end - start == gpu_s + stall_s exactly.
+- per step (`StepEstimate`) and per layer (`LayerTimeline`): gpu_s (GPU busy,
+  the plan included), link_s (transfers serving this layer, both
+  directions), cpu_s (CPU busy), stall_s = copy_stall_s + cpu_wait_s, where
+  cpu_wait_s is the time the layer end waits for the CPU path after the GPU
+  is done. For every layer, end - start == gpu_s + stall_s exactly.
+- `resplit_layers`: layer events whose load/CPU split the profile's costs
+  changed.
 - `Estimate.layer_breakdown(kind)`: per-layer-index means over steps.
 - `summarize(estimate)`: a JSON-ready dict.
 """
@@ -109,10 +141,14 @@ Reported numbers
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import statistics
-from typing import Any, Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
-from moejax.sim.profiles import HardwareProfile, get_profile
+import numpy as np
+
+from moejax.sim.profiles import HardwareProfile, expert_costs, get_profile
 from moejax.sim.trace import LayerEvent, StepTrace
 
 LABEL = "estimate"
@@ -138,14 +174,18 @@ class LayerTimeline:
   """When each part of one layer ran (seconds from the start of the step).
 
   Intervals are None when that part did not happen. `prefetch_copy` and
-  `layerwise_copy` are the copies *for* this layer (issued during the
-  previous layer); `experts` may have zero length (no device experts).
+  `layerwise_copy` are the copies *for* this layer (issued during an earlier
+  layer). `resident_experts` and `demand_experts` may have zero length;
+  `experts` spans both (with the predictor between them, if it runs there).
+  `demand_loads` and `cpu_experts` are the counts the estimate used (after a
+  re-split, if `resplit`).
   """
 
   layer: int
   start: float
   end: float
   attention: Interval
+  plan: Interval | None
   predictor: Interval | None
   layerwise_copy: Interval | None
   prefetch_copy: Interval | None
@@ -153,12 +193,17 @@ class LayerTimeline:
   cpu_input: Interval | None
   cpu: Interval | None
   cpu_output: Interval | None
+  resident_experts: Interval
+  demand_experts: Interval
   experts: Interval
   gpu_s: float
   link_s: float
   cpu_s: float
   copy_stall_s: float
   cpu_wait_s: float
+  demand_loads: int
+  cpu_experts: int
+  resplit: bool
 
   @property
   def stall_s(self) -> float:
@@ -194,19 +239,21 @@ class StepEstimate:
   stall_s: float
   wall_s: float
   measured: Mapping[str, float]
+  resplit_layers: int
 
   def to_dict(self, timelines: bool = False) -> dict[str, Any]:
     d = {
-        "step": self.step,
-        "kind": self.kind,
-        "tokens": self.tokens,
-        "time_s": self.time_s,
-        "gpu_s": self.gpu_s,
-        "link_s": self.link_s,
-        "cpu_s": self.cpu_s,
-        "stall_s": self.stall_s,
-        "wall_s": self.wall_s,
-        "measured": dict(self.measured),
+      "step": self.step,
+      "kind": self.kind,
+      "tokens": self.tokens,
+      "time_s": self.time_s,
+      "gpu_s": self.gpu_s,
+      "link_s": self.link_s,
+      "cpu_s": self.cpu_s,
+      "stall_s": self.stall_s,
+      "wall_s": self.wall_s,
+      "measured": dict(self.measured),
+      "resplit_layers": self.resplit_layers,
     }
     if timelines:
       d["head"] = _iv(self.head)
@@ -219,7 +266,9 @@ class Estimate:
   """TPOT/TTFT estimated for one profile. `label` is always "estimate".
 
   `profile` is the profile's name, `hardware` the profile itself (numbers and
-  sources), `steps` the per-step timelines in trace order.
+  sources), `steps` the per-step timelines in trace order. `resplit` says
+  whether rule-split layers were re-split with the profile's costs, and
+  `resplit_layers` how many layer events (over all steps) that changed.
   """
 
   profile: str
@@ -230,6 +279,8 @@ class Estimate:
   dtype_bytes: int | None
   target_dtype_bytes: int | None
   hardware: HardwareProfile
+  resplit: bool
+  resplit_layers: int
   label: str = dataclasses.field(default=LABEL, init=False)
 
   def layer_breakdown(self, kind: str = "decode") -> list[dict[str, float]]:
@@ -249,17 +300,88 @@ class Estimate:
     return out
 
 
+def split_misses(misses: int, c_load: float, c_cpu: float, rule: str) -> int:
+  """How many of `misses` missed experts a split rule loads (the rest go to the CPU).
+
+  Both rules take the misses one by one, keeping the accumulated load and CPU
+  seconds (float32, as the engine's cost model does):
+
+  - "balance" (SPEC section 6, `moejax.scheduling.balance.split_load_cpu`):
+    load while the load total is not above the CPU total, else CPU.
+  - "greedy" (the released SMoE code): load only while the load total is
+    below the CPU total, else CPU; so the first miss goes to the CPU.
+
+  Which experts go where depends on their scores (balance) or token counts
+  (greedy); how many depends only on the count and the two costs.
+
+  Args:
+    misses: missed experts of the layer.
+    c_load: seconds to copy one expert.
+    c_cpu: seconds to compute one expert on the CPU.
+    rule: "balance" or "greedy".
+  """
+  if rule not in ("balance", "greedy"):
+    raise ValueError(f"rule must be 'balance' or 'greedy', got {rule!r}")
+  c_load, c_cpu = np.float32(c_load), np.float32(c_cpu)
+  t_load = t_cpu = np.float32(0)
+  n_load = 0
+  for _ in range(misses):
+    if t_load <= t_cpu if rule == "balance" else t_load < t_cpu:
+      n_load, t_load = n_load + 1, t_load + c_load
+    else:
+      t_cpu = t_cpu + c_cpu
+  return n_load
+
+
 def _gpu_time(prof: HardwareProfile, nbytes: float, flops: float) -> float:
   return max(nbytes / prof.gpu_mem_bw, flops / prof.gpu_flops)
 
 
-def _estimate_step(st: StepTrace, prof: HardwareProfile, dtype_bytes: int,
-                   target_dtype_bytes: int | None) -> StepEstimate:
+class _Work(NamedTuple):
+  """One layer's device/CPU split as the estimate prices it."""
+
+  demand: int  # demand-loaded experts
+  cpu: int  # CPU experts
+  res_pairs: float
+  dem_pairs: float
+  cpu_pairs: float
+  resplit: bool
+
+
+def _layer_work(ev: LayerEvent, prof: HardwareProfile, scale: float, width: int, resplit: bool) -> _Work:
+  """Pairs per expert group (module docstring), after re-splitting the misses if asked."""
+  n_res, demand, cpu = ev.resident_experts, ev.demand_loads, ev.cpu_experts
+  gpu_pairs = ev.gpu_pairs if ev.gpu_pairs is not None else ev.tokens * (n_res + demand)
+  if ev.demand_pairs is not None:
+    dem_pairs = ev.demand_pairs
+  elif ev.gpu_pairs is None:
+    dem_pairs = ev.tokens * demand
+  else:
+    dem_pairs = gpu_pairs * demand / (n_res + demand) if n_res + demand else 0
+  res_pairs = gpu_pairs - dem_pairs
+  cpu_pairs = ev.cpu_pairs if ev.cpu_pairs is not None else ev.tokens * cpu
+  misses, miss_pairs = demand + cpu, dem_pairs + cpu_pairs
+  changed = False
+  if resplit and ev.split and misses:
+    c_load, c_cpu = expert_costs(prof, ev.expert_bytes * scale, tokens=miss_pairs / misses, dtype_bytes=width)
+    n_load = split_misses(misses, c_load, c_cpu, ev.split)
+    changed = n_load != demand
+    demand, cpu = n_load, misses - n_load
+    dem_pairs = miss_pairs * demand / misses
+    cpu_pairs = miss_pairs - dem_pairs
+  return _Work(demand, cpu, res_pairs, dem_pairs, cpu_pairs, changed)
+
+
+def _estimate_step(
+  st: StepTrace, prof: HardwareProfile, dtype_bytes: int, target_dtype_bytes: int | None, resplit: bool
+) -> StepEstimate:
   """Simulate one step from t = 0; see the module docstring for the rules."""
   scale = 1.0 if target_dtype_bytes is None else target_dtype_bytes / dtype_bytes
-  act_width = st.hidden_size * (target_dtype_bytes or dtype_bytes)  # bytes per token
+  width = target_dtype_bytes or dtype_bytes  # bytes per weight element and per activation on the target
   layers = st.layers
   n = len(layers)
+  moe = [i for i, ev in enumerate(layers) if ev.expert_bytes]
+  next_moe = dict(itertools.pairwise(moe))  # MoE layer -> the MoE layer its predictor prefetches for
 
   link_free = 0.0
 
@@ -269,19 +391,26 @@ def _estimate_step(st: StepTrace, prof: HardwareProfile, dtype_bytes: int,
     link_free = start + prof.link_latency_s + nbytes / prof.link_bw
     return Interval(start, link_free)
 
+  def gpu_span(start: float, nbytes: float, tokens: int) -> Interval:
+    """A dense weight block of `nbytes` (as recorded) applied to `tokens` tokens, plus the launch overhead."""
+    return Interval(
+      start, start + _gpu_time(prof, nbytes * scale, 2.0 * tokens * nbytes / dtype_bytes) + prof.kernel_overhead_s
+    )
+
+  def experts_span(start: float, ev: LayerEvent, count: int, pairs: float) -> Interval:
+    """`count` routed experts computing `pairs` token-expert pairs."""
+    flops = 2.0 * pairs * ev.expert_bytes / dtype_bytes
+    return Interval(start, start + _gpu_time(prof, count * ev.expert_bytes * scale, flops))
+
   def batch_bytes(ev: LayerEvent, count: int) -> float:
     return count * ev.expert_bytes * scale
 
-  def dense_gpu(nbytes: int, tokens: int) -> float:
-    return _gpu_time(prof, nbytes * scale, 2.0 * tokens * nbytes / dtype_bytes)
-
-  layerwise = [None] * n
-  prefetch = [None] * n
-  if n:
-    if layers[0].layerwise_loads:
-      layerwise[0] = h2d(0.0, batch_bytes(layers[0], layers[0].layerwise_loads))
-    if layers[0].prefetch_loads:
-      prefetch[0] = h2d(0.0, batch_bytes(layers[0], layers[0].prefetch_loads))
+  layerwise: list[Interval | None] = [None] * n
+  prefetch: list[Interval | None] = [None] * n
+  if n and layers[0].layerwise_loads:
+    layerwise[0] = h2d(0.0, batch_bytes(layers[0], layers[0].layerwise_loads))
+  if moe and layers[moe[0]].prefetch_loads:
+    prefetch[moe[0]] = h2d(0.0, batch_bytes(layers[moe[0]], layers[moe[0]].prefetch_loads))
 
   t = 0.0
   cpu_free = 0.0
@@ -290,76 +419,84 @@ def _estimate_step(st: StepTrace, prof: HardwareProfile, dtype_bytes: int,
   for i, ev in enumerate(layers):
     for k, v in ev.measured.items():
       measured[k] = measured.get(k, 0.0) + v
-    nxt = layers[i + 1] if i + 1 < n else None
-    act_bytes = ev.tokens * act_width
+    act_bytes = ev.tokens * st.hidden_size * width
     start = t
-    if nxt is not None and nxt.layerwise_loads:
-      layerwise[i + 1] = h2d(start, batch_bytes(nxt, nxt.layerwise_loads))
+    if i + 1 < n and layers[i + 1].layerwise_loads:
+      layerwise[i + 1] = h2d(start, batch_bytes(layers[i + 1], layers[i + 1].layerwise_loads))
+    target = next_moe.get(i)
+    want_prefetch = target is not None and layers[target].prefetch_loads > 0
+    work = _layer_work(ev, prof, scale, width, resplit)
 
-    attention = Interval(start, start + dense_gpu(ev.dense_bytes, ev.tokens) + prof.kernel_overhead_s)
-    plan = attention.end
-    demand = h2d(plan, batch_bytes(ev, ev.demand_loads)) if ev.demand_loads else None
+    attention = gpu_span(start, ev.dense_bytes, ev.tokens)
+    plan = None
+    if ev.expert_bytes and not ev.layerwise_loads:
+      plan = Interval(attention.end, attention.end + prof.plan_s)
+    plan_end = plan.end if plan else attention.end
     predictor = None
-    if ev.predictor_bytes:
-      predictor = Interval(plan, plan + dense_gpu(ev.predictor_bytes, ev.tokens) + prof.kernel_overhead_s)
-    ready = predictor.end if predictor else plan
+    if ev.predictor_bytes and ev.predictor == "gate":
+      predictor = gpu_span(plan_end, ev.predictor_bytes, ev.tokens)
+    ready = predictor.end if predictor else plan_end
 
-    # CPU path: activations down, compute, one summed result back up.
-    cpu_input = cpu = cpu_output = None
-    if ev.cpu_experts:
-      cpu_start = plan
+    # Resident experts: wait for this layer's prefetch copy (if used) and layerwise copy.
+    res_start = ready
+    if ev.prefetch_used and prefetch[i] is not None:
+      res_start = max(res_start, prefetch[i].end)
+    if ev.resident_experts and layerwise[i] is not None:
+      res_start = max(res_start, layerwise[i].end)
+    resident = experts_span(res_start, ev, ev.resident_experts, work.res_pairs)
+    stall = res_start - ready
+    after_resident = resident.end
+    if ev.predictor_bytes and ev.predictor in ("provisional", "layernorm"):
+      predictor = gpu_span(resident.end, ev.predictor_bytes, ev.tokens)
+      after_resident = predictor.end
+    prefetch_at_end = ev.predictor == "layernorm"  # issued once the layer is done
+    prefetch_issue = {"provisional": after_resident, "gate": ready}.get(ev.predictor, plan_end)
+
+    # CPU path: activations down at plan end, compute, one summed result back up.
+    cpu_input = cpu = None
+    if work.cpu:
+      cpu_start = plan_end
       if act_bytes:
-        cpu_input = Interval(plan, plan + prof.link_latency_s + act_bytes / prof.link_bw)
+        cpu_input = Interval(plan_end, plan_end + prof.link_latency_s + act_bytes / prof.link_bw)
         cpu_start = cpu_input.end
       cpu_start = max(cpu_start, cpu_free)
-      pairs = ev.cpu_pairs if ev.cpu_pairs is not None else ev.tokens * ev.cpu_experts
-      cpu_time = max(ev.cpu_experts * ev.expert_bytes * scale / prof.cpu_mem_bw,
-                     2.0 * pairs * ev.expert_bytes / dtype_bytes / prof.cpu_flops)
+      cpu_time = max(
+        work.cpu * ev.expert_bytes * scale / prof.cpu_mem_bw,
+        2.0 * work.cpu_pairs * ev.expert_bytes / dtype_bytes / prof.cpu_flops,
+      )
       cpu = Interval(cpu_start, cpu_start + cpu_time)
       cpu_free = cpu.end
 
-    # Host->device queue in issue order: CPU result (at cpu.end) and the
-    # prefetch for the next layer (at `ready`); ties go to the CPU result.
-    def issue_cpu_output():
-      return h2d(cpu.end, act_bytes)
+    # Host->device queue in issue order; ties: demand, CPU result, prefetch.
+    requests = []
+    if work.demand:
+      requests.append((plan_end, 0, "demand", batch_bytes(ev, work.demand)))
+    if cpu is not None and act_bytes:
+      requests.append((cpu.end, 1, "cpu_output", act_bytes))
+    if want_prefetch and not prefetch_at_end:
+      requests.append((prefetch_issue, 2, "prefetch", batch_bytes(layers[target], layers[target].prefetch_loads)))
+    served = {name: h2d(issue, nbytes) for issue, _, name, nbytes in sorted(requests)}
+    demand, cpu_output = served.get("demand"), served.get("cpu_output")
+    if "prefetch" in served:
+      prefetch[target] = served["prefetch"]
 
-    def issue_prefetch():
-      prefetch[i + 1] = h2d(ready, batch_bytes(nxt, nxt.prefetch_loads))
+    dem_start = max(after_resident, demand.end) if demand else after_resident
+    demand_experts = experts_span(dem_start, ev, work.demand, work.dem_pairs)
+    stall += dem_start - after_resident
+    cpu_done = cpu_output.end if cpu_output else (cpu.end if cpu else demand_experts.end)
+    end = max(demand_experts.end, cpu_done)
+    if want_prefetch and prefetch_at_end:
+      prefetch[target] = h2d(end, batch_bytes(layers[target], layers[target].prefetch_loads))
 
-    want_out = cpu is not None and act_bytes > 0
-    want_pre = nxt is not None and nxt.prefetch_loads > 0
-    if want_out and want_pre and ready < cpu.end:
-      issue_prefetch()
-      cpu_output = issue_cpu_output()
-    else:
-      if want_out:
-        cpu_output = issue_cpu_output()
-      if want_pre:
-        issue_prefetch()
-
-    n_gpu = ev.gpu_experts
-    expert_start = ready
-    if demand is not None:
-      expert_start = max(expert_start, demand.end)
-    if ev.prefetch_used and prefetch[i] is not None:
-      expert_start = max(expert_start, prefetch[i].end)
-    if n_gpu and layerwise[i] is not None:
-      expert_start = max(expert_start, layerwise[i].end)
-    gpu_pairs = ev.gpu_pairs if ev.gpu_pairs is not None else ev.tokens * n_gpu
-    expert_time = _gpu_time(prof, n_gpu * ev.expert_bytes * scale,
-                            2.0 * gpu_pairs * ev.expert_bytes / dtype_bytes)
-    experts = Interval(expert_start, expert_start + expert_time)
-
-    end = experts.end
-    cpu_done = cpu_output.end if cpu_output else (cpu.end if cpu else end)
-    end = max(end, cpu_done)
-
+    parts = (attention, plan, predictor, resident, demand_experts)
     transfers = (layerwise[i], prefetch[i], demand, cpu_input, cpu_output)
-    timelines.append(LayerTimeline(
+    timelines.append(
+      LayerTimeline(
         layer=ev.layer,
         start=start,
         end=end,
         attention=attention,
+        plan=plan,
         predictor=predictor,
         layerwise_copy=layerwise[i],
         prefetch_copy=prefetch[i],
@@ -367,35 +504,47 @@ def _estimate_step(st: StepTrace, prof: HardwareProfile, dtype_bytes: int,
         cpu_input=cpu_input,
         cpu=cpu,
         cpu_output=cpu_output,
-        experts=experts,
-        gpu_s=attention.duration + (predictor.duration if predictor else 0.0) + experts.duration,
+        resident_experts=resident,
+        demand_experts=demand_experts,
+        experts=Interval(resident.start, demand_experts.end),
+        gpu_s=sum(x.duration for x in parts if x is not None),
         link_s=sum(x.duration for x in transfers if x is not None),
         cpu_s=cpu.duration if cpu else 0.0,
-        copy_stall_s=expert_start - ready,
-        cpu_wait_s=end - experts.end,
-    ))
+        copy_stall_s=stall,
+        cpu_wait_s=end - demand_experts.end,
+        demand_loads=work.demand,
+        cpu_experts=work.cpu,
+        resplit=work.resplit,
+      )
+    )
     t = end
 
-  head = Interval(t, t + dense_gpu(st.head_bytes, st.tokens) + prof.kernel_overhead_s)
+  head = gpu_span(t, st.head_bytes, st.tokens)
   return StepEstimate(
-      step=st.step,
-      kind=st.kind,
-      tokens=st.tokens,
-      time_s=head.end,
-      layers=tuple(timelines),
-      head=head,
-      gpu_s=head.duration + sum(lt.gpu_s for lt in timelines),
-      link_s=sum(lt.link_s for lt in timelines),
-      cpu_s=sum(lt.cpu_s for lt in timelines),
-      stall_s=sum(lt.stall_s for lt in timelines),
-      wall_s=st.wall_s,
-      measured=measured,
+    step=st.step,
+    kind=st.kind,
+    tokens=st.tokens,
+    time_s=head.end,
+    layers=tuple(timelines),
+    head=head,
+    gpu_s=head.duration + sum(lt.gpu_s for lt in timelines),
+    link_s=sum(lt.link_s for lt in timelines),
+    cpu_s=sum(lt.cpu_s for lt in timelines),
+    stall_s=sum(lt.stall_s for lt in timelines),
+    wall_s=st.wall_s,
+    measured=measured,
+    resplit_layers=sum(lt.resplit for lt in timelines),
   )
 
 
-def estimate_tpot(trace: Sequence[StepTrace], profile: HardwareProfile | str, *,
-                  dtype_bytes: int | None = None,
-                  target_dtype_bytes: int | None = None) -> Estimate:
+def estimate_tpot(
+  trace: Sequence[StepTrace],
+  profile: HardwareProfile | str,
+  *,
+  dtype_bytes: int | None = None,
+  target_dtype_bytes: int | None = None,
+  resplit: bool = True,
+) -> Estimate:
   """Estimate TPOT/TTFT of a recorded run on a hardware profile.
 
   Args:
@@ -407,6 +556,8 @@ def estimate_tpot(trace: Sequence[StepTrace], profile: HardwareProfile | str, *,
       computed in this width on the target hardware (e.g. 2 for fp16 as in
       the paper when the run used float32): every weight byte count is
       scaled by target_dtype_bytes / dtype_bytes, activations use this width.
+    resplit: re-split the misses of layers split by a rule with the
+      profile's costs (module docstring); False keeps the recorded split.
 
   Returns:
     An `Estimate` (label "estimate"); see the module docstring for the model.
@@ -419,7 +570,7 @@ def estimate_tpot(trace: Sequence[StepTrace], profile: HardwareProfile | str, *,
   for st in trace:
     if not isinstance(st, StepTrace):
       raise TypeError(f"trace must hold StepTrace records, got {type(st).__name__}")
-    steps.append(_estimate_step(st, prof, dtype_bytes or st.dtype_bytes, target_dtype_bytes))
+    steps.append(_estimate_step(st, prof, dtype_bytes or st.dtype_bytes, target_dtype_bytes, resplit))
 
   decode = [s for s in steps if s.kind == "decode"]
   tpot = statistics.fmean(s.time_s for s in decode) if decode else None
@@ -440,14 +591,16 @@ def estimate_tpot(trace: Sequence[StepTrace], profile: HardwareProfile | str, *,
   ttft = statistics.fmean(prefills) if prefills else None
 
   return Estimate(
-      profile=prof.name,
-      tpot_s=tpot,
-      ttft_s=ttft,
-      decode_tokens_per_s=throughput,
-      steps=tuple(steps),
-      dtype_bytes=dtype_bytes,
-      target_dtype_bytes=target_dtype_bytes,
-      hardware=prof,
+    profile=prof.name,
+    tpot_s=tpot,
+    ttft_s=ttft,
+    decode_tokens_per_s=throughput,
+    steps=tuple(steps),
+    dtype_bytes=dtype_bytes,
+    target_dtype_bytes=target_dtype_bytes,
+    hardware=prof,
+    resplit=resplit,
+    resplit_layers=sum(s.resplit_layers for s in steps),
   )
 
 
@@ -466,17 +619,19 @@ def summarize(estimate: Estimate, *, timelines: bool = False) -> dict[str, Any]:
     return {k: sum(getattr(s, k) for s in steps) for k in keys} | {"steps": len(steps)}
 
   return {
-      "label": estimate.label,
-      "profile": estimate.profile,
-      "profile_spec": estimate.hardware.to_dict(),
-      "dtype_bytes": estimate.dtype_bytes,
-      "target_dtype_bytes": estimate.target_dtype_bytes,
-      "tpot_s": estimate.tpot_s,
-      "ttft_s": estimate.ttft_s,
-      "decode_tokens_per_s": estimate.decode_tokens_per_s,
-      "decode_totals": totals(decode),
-      "prefill_totals": totals([s for s in estimate.steps if s.kind == "prefill"]),
-      "decode_layers": estimate.layer_breakdown("decode"),
-      "prefill_layers": estimate.layer_breakdown("prefill"),
-      "steps": [s.to_dict(timelines=timelines) for s in estimate.steps],
+    "label": estimate.label,
+    "profile": estimate.profile,
+    "profile_spec": estimate.hardware.to_dict(),
+    "dtype_bytes": estimate.dtype_bytes,
+    "target_dtype_bytes": estimate.target_dtype_bytes,
+    "tpot_s": estimate.tpot_s,
+    "ttft_s": estimate.ttft_s,
+    "decode_tokens_per_s": estimate.decode_tokens_per_s,
+    "resplit": estimate.resplit,
+    "resplit_layers": estimate.resplit_layers,
+    "decode_totals": totals(decode),
+    "prefill_totals": totals([s for s in estimate.steps if s.kind == "prefill"]),
+    "decode_layers": estimate.layer_breakdown("decode"),
+    "prefill_layers": estimate.layer_breakdown("prefill"),
+    "steps": [s.to_dict(timelines=timelines) for s in estimate.steps],
   }

@@ -61,3 +61,11 @@ def test_profile_is_frozen_and_validated():
   d = p.to_dict()
   assert d["name"] == "h200" and set(_NUMERIC_FIELDS) <= set(d["sources"])
   assert isinstance(p, HardwareProfile)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_plan_cost_is_an_assumption_of_tens_of_microseconds(name):
+  # A device-side plan (a few small kernels); the 2-core CPU measured ~230 us.
+  p = get_profile(name)
+  assert p.sources["plan_s"].startswith("assumption:")
+  assert 10e-6 <= p.plan_s <= 100e-6
