@@ -3,7 +3,7 @@
 For one expert and a batch of experts of a given shape, times:
 - `np.copyto` of the same bytes (the machine's copy bandwidth: the reference);
 - `jax.device_put` of a numpy array, and of a `pinned_host` JAX array;
-- the engine's slot fill: `moejax.offload.cache.write_slots`, which slices each
+- the engine's slot fill: `moejax.offload.slots.write_slots`, which slices each
   expert from the `pinned_host` store, moves it to device memory and writes it
   into its slot of a preallocated, donated `[S, ...]` cache inside one jitted
   call (what the fused step does in-graph).
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.models.moe import ExpertWeights
-from moejax.offload import cache as slot_cache
+from moejax.offload import slots as slot_cache
 from moejax.offload.store import HostExpertStore
 
 from common import write_report

@@ -5,7 +5,7 @@ CPU computation from two numbers, `C_load` and `C_cpu`. Where they come from
 is an engine option (`Engine(costs=...)`, `--config.engine.costs`):
 
 - `"calibrate"`: measured once per engine on this machine's own kernels
-  (`moejax.engine.Engine.calibrate_costs`). Wall-clock, so two runs of the
+  (`calibrate`). Wall-clock, so two runs of the
   same setup may split differently and give different accuracy rows.
 - a hardware profile name (`moejax.sim.PROFILES`, e.g. `"rtx4060ti_16gb"`):
   the costs the pipeline estimator prices for that machine, for experts stored
@@ -18,9 +18,17 @@ rows; the choice and the resolved numbers are recorded with every row.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from moejax.models.config import MoEConfig
+from moejax.models.moe import ExpertWeights
+from moejax.offload import slots
+from moejax.offload.cpu import host_experts
 from moejax.scheduling import balance
 from moejax.sim.profiles import PROFILES, expert_costs
 
@@ -69,3 +77,36 @@ def _fixed(load_s: float, cpu_s: float) -> balance.CostModel:
 def describe(model: balance.CostModel) -> dict[str, float]:
   """JSON-ready `{"load_s", "cpu_s"}` of a cost model (recorded with sweep rows)."""
   return {"load_s": float(model.load_s), "cpu_s": float(model.cpu_s)}
+
+
+def calibrate(config: MoEConfig, store: ExpertWeights, repeats: int = 5) -> balance.CostModel:
+  """Measures on this machine the per-expert costs of one copy into a slot and one CPU expert.
+
+  Times (median of `repeats`, after a compiling run) the engine's own kernels
+  on one MoE layer's host store `[E, ...]`: `fill_slots` of k experts into
+  scratch slots, and `host_experts` of k pairs for one token.
+  """
+  k = config.num_experts_per_tok
+  ids = jnp.arange(k, dtype=jnp.int32)
+  dtype = store.gate.dtype
+  scratch = [slots.empty_slots(config, k, dtype)]
+  x = jnp.zeros((1, config.hidden_size), dtype)
+  cpu = jax.jit(host_experts, static_argnames="act")
+
+  def fill():
+    scratch[0] = jax.block_until_ready(slots.write_slots(scratch[0], store, ids, ids))
+
+  def compute():
+    jax.block_until_ready(cpu(x, store, ids[None], jnp.ones((1, k)), jnp.ones((1, k), bool), act=config.hidden_act))
+
+  def median(fn):
+    fn()  # compile
+    times = []
+    for _ in range(repeats):
+      t = time.perf_counter()
+      fn()
+      times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+  return balance.update_costs(balance.init_cost_model(), load_s=median(fill), n_load=k, cpu_s=median(compute),
+                              n_cpu=k)

@@ -1,226 +1,235 @@
-"""The engine's forward step, written once against an `ops` object.
+"""The engine's forward step, written once, and the two ways to run its stages.
 
 A step runs the decoder layer by layer. At each MoE layer the policy's
 scheduling decision (substitution, copies with eviction, CPU work) is made
-from the router scores, the layer's cache slots are filled from the host
+from the router scores, the layer's device slots are filled from the host
 store, pairs left off the device run on the host, and the layer's experts are
-then read from its slots. `forward` holds this data flow once and runs two
-ways:
+then read from its slots. `forward` holds this data flow once; every stage is
+a plain function of the decoder layer (or of no module), run through a
+`StepOps`:
 
-- fused (`fused_forward`, the default): the whole step is one jitted program.
-  Copies happen inside it: each expert is sliced from the `pinned_host` store,
-  moved to device memory and written into its slot
-  (`moejax.offload.cache.fill_slots`), and CPU pairs run under
-  `compute_on("device_host")` (`moejax.offload.cpu.host_experts`). One
-  dispatch and one small device->host read (the counters) per step.
-- staged (`StagedOps`): every stage its own jitted call, blocked on and timed
-  per layer by name ("attention", "experts", "plan", "prefetch", "copy",
-  "cpu", "head"); the engine's profile mode. It can also measure the copy and
-  CPU costs that the balance policies' split uses.
-
-The step between two MoE layers is a *segment*: the previous MoE layer's
-experts (or the embedding), the dense layers in between, then the next MoE
-layer's attention, router, prefetch and plan (or the output head).
+- `InlineOps` (the default): the whole step, or the whole decode, is one
+  jitted program (`step_program`, `decode_program`); each stage is traced in
+  place under `jax.named_scope(stage)`, so a profile of the program shows
+  attention / plan / prefetch / copy / cpu / experts / head. Copies happen
+  inside it: each expert is sliced from the `pinned_host` store, moved to
+  device memory and written into its slot (`moejax.offload.slots.fill_slots`);
+  CPU pairs run under `compute_on("device_host")` (`moejax.offload.cpu`).
+- `StagedOps` (`Engine(profile=True)`): every stage its own jitted call,
+  blocked on and timed per layer by stage name.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from moejax.engine import sampling
-from moejax.engine.schedule import COUNTERS, LayerDecision, prefetch_layer, schedule_exact, schedule_layer
+from moejax.engine.schedule import Knobs, LayerDecision, LayerPlan, prefetch_layer, schedule_exact, schedule_layer
+from moejax.engine.state import DecodeState, Residency, SlotPool, StepConfig, StepConstants, StepInput
+from moejax.engine.stats import LayerCounters
 from moejax.models import moe
 from moejax.models.config import MoEConfig
-from moejax.models.decoder import lm_logits
 from moejax.models.layers import attention_inputs
-from moejax.offload.cache import fill_slots
 from moejax.offload.cpu import host_experts
-from moejax.scheduling import balance, cache
-from moejax.scheduling.policies import PolicySpec
-
-_CPU_PAIRS = COUNTERS.index("cpu_pairs")
-_CPU_EXPERTS = COUNTERS.index("cpu_experts")
+from moejax.offload.slots import fill_slots
+from moejax.scheduling import cache
 
 
-class ModuleDef(NamedTuple):
-  """Static half of an NNX module kept as flat leaves: rebuilt with `build` (cheap to pass to jit)."""
+class StepRecord(NamedTuple):
+  """What a step reports besides its output: `LayerCounters` of `[L_moe]` arrays (MoE layers in order) and,
+  with `StepConfig.routing`, per MoE layer (experts `[N, k]`, top `[N, k]`) of every pair (else None)."""
 
-  graphdef: Any
-  treedef: Any
-
-  def build(self, leaves):
-    return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))
-
-
-def split_module(module) -> tuple[ModuleDef, list[jax.Array]]:
-  graphdef, state = nnx.split(module)
-  leaves, treedef = jax.tree.flatten(state)
-  return ModuleDef(graphdef, treedef), leaves
-
-
-class Edges(nnx.Module):
-  """The decoder's embedding, final norm and LM head (shares the decoder's variables)."""
-
-  def __init__(self, decoder):
-    self.embed_tokens = decoder.embed_tokens
-    self.norm = decoder.norm
-    self.lm_head = decoder.lm_head
-
-  def embed(self, ids):
-    return jnp.take(self.embed_tokens[...], ids, axis=0)
-
-  def logits(self, h):
-    return lm_logits(self.norm, self.lm_head, self.embed_tokens[...], h)
-
-
-class Segment(NamedTuple):
-  """From MoE layer `prev`'s experts (None: the embedding) through `dense` to layer `next`'s plan (None: the head).
-
-  prefetch: predictor run for `next` ("provisional", "gate", "activation") or None.
-  cpu: `next` may compute pairs on the host.
-  """
-
-  prev: int | None
-  dense: tuple[int, ...]
-  next: int | None
-  prefetch: str | None
-  cpu: bool
-
-
-class StepPlan(NamedTuple):
-  """What one forward step computes (static, hashable).
-
-  exact: every MoE layer streams all its experts in and computes the model's
-    own routing (exact prefill, layerwise policy); warm: then fills the
-    layer's cache from the streamed experts.
-  score: the head returns next-token log-probs of all positions (else the last
-    position's logits); keep_experts: records the experts computed per pair.
-  """
-
-  config: MoEConfig
-  spec: PolicySpec
-  substitute_weight: str
-  segments: tuple[Segment, ...]
-  exact: bool
-  warm: bool
-  score: bool
-  keep_experts: bool
-
-
-class Records(NamedTuple):
-  """What the host reads after a step, per MoE layer in order.
-
-  host: `[L_moe, len(COUNTERS) + 2]` int32: the plan's counters, then the
-  experts copied on demand and by the prefetch. experts: per MoE layer
-  `[N, k]` experts computed per pair (with `keep_experts`), else None.
-  """
-
-  host: Any
-  experts: Any
+  counters: LayerCounters
+  routing: tuple[tuple[jax.Array, jax.Array], ...] | None
 
 
 # ----------------------------------------------------------------------------
-# Stages: f(static, module, *args); the module is a decoder layer, `Edges`, or None.
+# Stages: plain functions of a decoder layer (or the decoder, or no module).
 # ----------------------------------------------------------------------------
 
 
-def _embed(_, edges, ids):
-  return edges.embed(ids)
+def embed(decoder, ids):
+  """ids `[B, T]` -> hidden states `[B, T, D]`."""
+  return decoder.embed(ids)
 
 
-def _attend_dense(_, layer, h, inputs, kv):
+def attend_dense(layer, h, inputs, kv):
+  """A dense layer: attention then its MLP; h `[B, T, D]`."""
   h, kv = layer.attend(h, inputs, kv)
   return layer.dense_ffn(h), kv
 
 
-def _attend_route(_, layer, h, inputs, kv):
+def attend_route(layer, h, inputs, kv):
+  """An MoE layer up to its router: (h after attention `[B, T, D]`, MoE input x `[N, D]`, scores `[N, E]`, kv)."""
   h, kv = layer.attend(h, inputs, kv)
   x = layer.ffn_input(h)
   return h, x, layer.router_scores(x), kv
 
 
-def _peek_scores(_, layer, h, inputs, kv):
-  """Router scores for hidden states h without keeping the KV write."""
+def peek_scores(layer, h, inputs, kv):
+  """The paper's predictor: the layer's attention (KV write discarded) and gate on hidden states h `[B, T, D]`."""
   h, _ = layer.attend(h, inputs, kv)
   return layer.router_scores(layer.ffn_input(h))
 
 
-def _gate_scores(_, layer, x):
+def gate_scores(layer, x):
+  """The cheap predictor: the layer's gate applied to another layer's MoE input x `[N, D]`."""
   return layer.router_scores(x)
 
 
-def _experts(act, layer, h, x, buffers, slots, mix, extra):
-  """Routed experts from slot buffers + shared experts + residual.
+def stream(store):
+  """Every expert of a layer `[E, ...]` copied to device memory (slot = expert id)."""
+  return jax.device_put(store, jax.memory.Space.Device)
+
+
+def warm(policy: str, group: int, table, scores, valid, selected, weights, streamed):
+  """After an exact layer: admits the experts its tokens used (`selected` `[N, k]`), most important first, into
+  the layer's slots, copying them from `streamed` (already on the device: nothing more crosses the host link)."""
+  e = scores.shape[-1]
+  used = jnp.zeros(e, bool).at[selected].max(jnp.broadcast_to(valid[:, None], selected.shape))
+  priority = jnp.max(jnp.where(valid[:, None], scores, 0.0), axis=0)
+  table, adm = cache.admit(table, used, jnp.zeros(e, bool), priority, policy=policy,
+                           max_loads=min(table.num_slots, e), group=group)
+  return cache.observe(table, scores, used, valid, group=group), fill_slots(weights, streamed, adm.experts, adm.slots)
+
+
+def experts(act: str, layer, h, x, weights, slots, mix, extra):
+  """Routed experts read from slot weights + shared experts + residual.
 
   Returns (provisional, h): the provisional output counts only the device
-  experts; h adds `extra` `[N, D]` float32 (CPU experts; None: nothing).
+  experts; h adds `extra` `[N, D]` float32 (the CPU experts; None: nothing).
   """
-  routed = moe.routed_experts(x, buffers, slots, mix, act)
+  routed = moe.routed_experts(x, weights, slots, mix, act)
   prov = layer.finish_moe(h, x, routed)
   if extra is None:
     return prov, prov
   return prov, layer.finish_moe(h, x, (routed.astype(jnp.float32) + extra).astype(x.dtype))
 
 
-def _schedule(static, layer, scores, valid, state, costs, alpha, sim, prefetched, prior):
-  config, spec, substitute_weight, exact = static
-  bias = layer.mlp.router.selection_bias()
-  if exact:
-    return schedule_exact(config, scores, valid, state, bias)
-  return schedule_layer(config, spec, substitute_weight, scores, valid, state, costs, alpha, sim, bias, prefetched,
-                        prior)
+def cpu_experts(act: str, x, store, d: LayerDecision):
+  """The pairs of `d` marked `on_cpu`, computed on the host from the store: `[N, D]` float32."""
+  return host_experts(x, store, d.experts, d.mix, d.on_cpu, act)
 
 
-def _prefetch(static, layer, pred, valid, state, alpha):
-  config, spec = static
-  return prefetch_layer(config, spec, pred, valid, state, alpha, layer.mlp.router.selection_bias())
-
-
-def _fill(_, __, buffers, source, experts, slots):
-  return fill_slots(buffers, source, experts, slots)
-
-
-def _stream(_, __, store):
-  """Every expert of a layer `[E, ...]` copied to device memory (slot = expert id)."""
-  return jax.device_put(store, jax.memory.Space.Device)
-
-
-def _warm(policy, _, state, scores, valid, selected, buffers, streamed):
-  """After an exact layer: admits the experts its tokens used (`selected` `[N, k]`), most important first, into
-  the cache, copying them from `streamed` (already on the device: nothing more crosses the host link)."""
-  e = scores.shape[-1]
-  used = jnp.zeros(e, bool).at[selected].max(jnp.broadcast_to(valid[:, None], selected.shape))
-  priority = jnp.max(jnp.where(valid[:, None], scores, 0.0), axis=0)
-  state, adm = cache.admit(state, used, jnp.zeros(e, bool), priority, policy=policy,
-                           max_loads=min(state.num_slots, e))
-  return cache.observe(state, scores, used, valid), fill_slots(buffers, streamed, adm.experts, adm.slots)
-
-
-def _cpu(act, _, x, store, experts, mix, on_cpu):
-  return host_experts(x, store, experts, mix, on_cpu, act)
-
-
-def _head(score, edges, h, ids):
+def head(score: bool, decoder, h, ids):
   """Last-position logits `[B, V]`, or with `score` (log p(ids[:, t+1] | ...), argmax == target), each `[B, T-1]`."""
   if not score:
-    return edges.logits(h[:, -1:])[:, 0]
-  logits = edges.logits(h[:, :-1])
+    return decoder.logits(h[:, -1:])[:, 0]
+  logits = decoder.logits(h[:, :-1])
   targets = ids[:, 1:]
   logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
   return logp, jnp.argmax(logits, axis=-1) == targets
 
 
-def _record(keep_experts, _, decision: LayerDecision, prefetch):
-  n_prefetch = jnp.int32(0) if prefetch is None else (prefetch.experts >= 0).sum()
-  host = jnp.concatenate([decision.counters, jnp.stack([(decision.loads >= 0).sum(), n_prefetch]).astype(jnp.int32)])
-  return host, decision.experts if keep_experts else None
+# ----------------------------------------------------------------------------
+# How a stage runs
+# ----------------------------------------------------------------------------
+
+
+class StepOps(Protocol):
+  """Runs the stages of `forward`. `decoder` and `layer(l)` are the modules stages take."""
+
+  decoder: Any
+
+  def layer(self, l: int) -> Any:
+    """Decoder layer l, as stages take it."""
+
+  def run(self, name: str, layer: int | None, fn: Callable, *args, donate: tuple[int, ...] = ()) -> Any:
+    """`fn(*args)` as stage `name` of decoder layer `layer` (None: embedding / head); `donate`: arg indices."""
+
+  def cond(self, pred, name: str, layer: int | None, fn: Callable, otherwise: Callable, *args) -> Any:
+    """`fn(*args)` as a stage where `pred` (a scalar bool array), else `otherwise(*args)`."""
+
+
+class InlineOps:
+  """Stages traced in place into one program, each under `jax.named_scope`; modules rebuilt from the params."""
+
+  def __init__(self, graphdef, params):
+    self.decoder = nnx.merge(graphdef, params)
+
+  def layer(self, l: int):
+    return self.decoder.layers[l]
+
+  def run(self, name, layer, fn, *args, donate=()):
+    with jax.named_scope(name if layer is None else f"{name}_{layer}"):
+      return fn(*args)
+
+  def cond(self, pred, name, layer, fn, otherwise, *args):
+    with jax.named_scope(name if layer is None else f"{name}_{layer}"):
+      return jax.lax.cond(pred, lambda: fn(*args), lambda: otherwise(*args))
+
+
+@jax.tree_util.register_pytree_node_class
+class BoundModule:
+  """An NNX module as a pytree: its parameter leaves (traced) and its structure (static); `build` rebuilds it."""
+
+  def __init__(self, structure, leaves):
+    self.structure, self.leaves = structure, leaves
+
+  @classmethod
+  def of(cls, module) -> BoundModule:
+    graphdef, params = nnx.split(module)
+    leaves, treedef = jax.tree.flatten(params)
+    return cls((graphdef, treedef), leaves)
+
+  def build(self):
+    graphdef, treedef = self.structure
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, self.leaves))
+
+  def tree_flatten(self):
+    return self.leaves, self.structure
+
+  @classmethod
+  def tree_unflatten(cls, structure, leaves):
+    return cls(structure, leaves)
+
+
+def _stage_key(fn) -> Any:
+  """A hashable identity of a stage function, partials compared by value."""
+  if isinstance(fn, functools.partial):
+    return fn.func, fn.args, tuple(sorted(fn.keywords.items()))
+  return fn
+
+
+class StagedOps:
+  """Every stage its own jitted call; with `timer`, blocked on and timed.
+
+  decoder: the NNX decoder; jits: the caller's dict of jitted stages (kept
+  across steps); timer: None, or `timer(layer, name, seconds)` per stage.
+  """
+
+  def __init__(self, decoder, jits: dict, timer: Callable | None = None):
+    self.decoder = BoundModule.of(decoder)
+    self._layers = [BoundModule.of(layer) for layer in decoder.layers]
+    self.jits, self.timer = jits, timer
+
+  def layer(self, l: int):
+    return self._layers[l]
+
+  def _compiled(self, fn, donate):
+    key = (_stage_key(fn), donate)
+    if key not in self.jits:
+      built = lambda *args: fn(*(a.build() if isinstance(a, BoundModule) else a for a in args))
+      self.jits[key] = jax.jit(built, donate_argnums=donate)
+    return self.jits[key]
+
+  def run(self, name, layer, fn, *args, donate=()):
+    t = time.perf_counter()
+    out = self._compiled(fn, donate)(*args)
+    if self.timer is not None:
+      jax.block_until_ready(out)
+      self.timer(layer, name, time.perf_counter() - t)
+    return out
+
+  def cond(self, pred, name, layer, fn, otherwise, *args):
+    return self.run(name, layer, fn, *args) if bool(pred) else otherwise(*args)
 
 
 # ----------------------------------------------------------------------------
@@ -228,337 +237,236 @@ def _record(keep_experts, _, decision: LayerDecision, prefetch):
 # ----------------------------------------------------------------------------
 
 
-def forward(ops, step: StepPlan, ids, inputs, valid, kvs, states, buffers, store, costs, alpha, sims, prior):
-  """One forward step of the decoder under the policy.
+class _Previous(NamedTuple):
+  """The MoE layer before the current one, as the current layer's predictor sees it.
+
+  prov: its provisional output `[B, T, D]`; x: its MoE input `[N, D]`;
+  has_cpu: whether it ran pairs on the CPU (None: it could not);
+  dense_between: dense layers separate it from the current one.
+  """
+
+  prov: jax.Array
+  x: jax.Array
+  has_cpu: jax.Array | None
+  dense_between: bool
+
+
+def _may_cpu(cfg: StepConfig, pools, l: int) -> bool:
+  """Whether MoE layer l can have pairs that run on the host in a scheduled step."""
+  place = cfg.placements[l]
+  if place.residency == Residency.CPU:
+    return True
+  if place.residency != Residency.CACHED:
+    return False
+  slots = pools[place.pool].table.num_slots
+  return cfg.spec.cpu_compute != "never" or slots < cfg.config.num_experts
+
+
+def _prefetches(cfg: StepConfig, l: int) -> bool:
+  """Whether a prefetch is issued for MoE layer l (a cached layer after another MoE layer)."""
+  moe_ids = cfg.config.moe_layer_ids
+  return (cfg.spec.prefetch is not None and not cfg.exact and cfg.placements[l].residency == Residency.CACHED
+          and moe_ids.index(l) > 0)
+
+
+def _zeros_like_scores(config: MoEConfig, x) -> jax.Array:
+  return jnp.zeros((x.shape[0], config.num_experts), jnp.float32)
+
+
+def _predicted_scores(ops: StepOps, cfg: StepConfig, l: int, prev: _Previous, h_prev_attention, scores, kv):
+  """The predicted router scores `[N, E]` of MoE layer l, for its prefetch.
+
+  "provisional": layer l's attention and gate on the previous MoE layer's
+  provisional output. Without CPU pairs or dense layers in between, that
+  output is exactly layer l's input, so its real scores serve.
+  """
+  config = cfg.config
+  if cfg.spec.prefetch == "provisional":
+    if not prev.dense_between and prev.has_cpu is None:
+      return scores
+    return h_prev_attention
+  if cfg.spec.prefetch == "gate":
+    return ops.run("prefetch", l, gate_scores, ops.layer(l), prev.x)
+  return _zeros_like_scores(config, prev.x)  # activation counts: no score prediction
+
+
+def forward(ops: StepOps, cfg: StepConfig, consts: StepConstants, state: DecodeState,
+            batch: StepInput) -> tuple[Any, DecodeState, StepRecord]:
+  """One forward step of the decoder under the policy: `state -> state`.
 
   Args:
-    ops: `InlineOps` (inside one jit) or `StagedOps`.
-    step: the static `StepPlan`.
-    ids: `[B, T]` token ids; inputs: the step's `AttentionInputs`; valid: `[N]`
-      bool, real tokens (N = B * T).
-    kvs: per layer, its KV cache.
-    states, buffers, store, sims: dicts keyed by MoE layer: `CacheState` (or
-      None), slot buffers `ExpertWeights` `[S, ...]` (or None), host store
-      `[E, ...]` (None: experts resident in `buffers`), similarity `[E, E]` (or None).
-    costs, alpha, prior: cost model, substitution threshold, cache-prior strength.
+    ops: how stages run (`InlineOps` / `StagedOps`).
+    cfg: the static `StepConfig`.
+    consts: parameters, expert store, similarity, alpha, prior strength, costs.
+    state: KV cache and slot pools (donated by the jitted programs).
+    batch: ids `[B, T]`, rotary positions `[B, T]`, valid `[B, T]` and the cache row of the first token.
 
   Returns:
-    (head output, kvs, states, buffers, costs, `Records`).
+    (head output, the new `DecodeState`, `StepRecord`).
   """
-  kvs, states, buffers = list(kvs), dict(states), dict(buffers)
-  records = []
-  h = ops.embed(ids)
-  pending = None  # the MoE layer whose experts start the next segment
-  for seg in step.segments:
-    extra = has_cpu = None
-    if seg.prev is not None:
-      h_in, x, layer_buffers, slots, mix, extra, has_cpu = pending
-      prov, h = ops.experts(seg.prev, h_in, x, layer_buffers, slots, mix, extra)
-    for l in seg.dense:
-      h, kvs[l] = ops.attend_dense(l, h, inputs, kvs[l])
-    if seg.next is None:
-      return ops.head(step.score, h, ids), kvs, states, buffers, costs, ops.pack(records)
-    l = seg.next
-    # The paper's predictor: the next layer's attention and gate on the provisional output. Without CPU pairs or
-    # dense layers in between that is exactly the real next layer's input, so its real scores serve.
-    pred = None
-    if seg.prefetch == "provisional" and (seg.dense or extra is not None):
-      pred = ops.peek_scores(l, prov, inputs, kvs[l], when=None if seg.dense else has_cpu)
-    prev_x = None if seg.prev is None else x
-    h, x, scores, kvs[l] = ops.attend_route(l, h, inputs, kvs[l])
-    state, adm, prefetched = states[l], None, jnp.zeros(step.config.num_experts, bool)
-    if seg.prefetch is not None:
-      if seg.prefetch == "provisional":
-        pred = ops.either(None if seg.dense else has_cpu, pred, scores)
-      elif seg.prefetch == "gate":
-        pred = ops.gate_scores(l, prev_x)
-      else:  # activation counts: no score prediction
-        pred = jnp.zeros(scores.shape, jnp.float32)
-      state, adm, prefetched = ops.prefetch(l, step, pred, valid, state, alpha)
-    d = ops.schedule(l, step, scores, valid, state, costs, alpha, sims[l], prefetched, prior)
-    states[l] = d.state
-    extra = has_cpu = None
-    if step.exact:
-      layer_buffers = buffers[l] if store[l] is None else ops.stream(l, store[l])
-      if step.warm and states[l] is not None:
-        states[l], buffers[l] = ops.warm(l, step, states[l], scores, valid, d.experts, buffers[l], layer_buffers)
+  config, spec = cfg.config, cfg.spec
+  kv, pools = list(state.kv), list(state.pools)
+  inputs = attention_inputs(config, batch.positions, batch.valid, batch.index)
+  valid = batch.valid.reshape(-1)
+  counters, routing = [], []
+  h = ops.run("embed", None, embed, ops.decoder, batch.ids)
+  prev = None
+  for l, place in enumerate(cfg.placements):
+    layer = ops.layer(l)
+    if place is None:
+      h, kv[l] = ops.run("attention", l, attend_dense, layer, h, inputs, kv[l], donate=(3,))
+      prev = prev and prev._replace(dense_between=True)
+      continue
+    peeked = None
+    if _prefetches(cfg, l) and spec.prefetch == "provisional" and (prev.dense_between or prev.has_cpu is not None):
+      otherwise = lambda layer, h, inputs, kv: _zeros_like_scores(config, prev.x)
+      if prev.dense_between:
+        peeked = ops.run("prefetch", l, peek_scores, layer, prev.prov, inputs, kv[l])
+      else:
+        peeked = ops.cond(prev.has_cpu, "prefetch", l, peek_scores, otherwise, layer, prev.prov, inputs, kv[l])
+    h, x, scores, kv[l] = ops.run("attention", l, attend_route, layer, h, inputs, kv[l], donate=(3,))
+    store = consts.experts[l]
+    plan = LayerPlan(config, spec, cfg.substitute_weight, place.group)
+    has_cpu = extra = None
+    if cfg.exact or place.residency == Residency.RESIDENT:
+      streams = place.residency != Residency.RESIDENT
+      d = ops.run("plan", l, functools.partial(schedule_exact, config,
+                                               Residency.STREAMED if streams else Residency.RESIDENT),
+                  layer, scores, valid)
+      weights = store if place.residency == Residency.RESIDENT else ops.run("copy", l, stream, store)
+      if cfg.warm and place.residency == Residency.CACHED:
+        pool = pools[place.pool]
+        table, slot_weights = ops.run("copy", l, functools.partial(warm, spec.eviction or "score", place.group),
+                                      pool.table, scores, valid, d.experts, pool.weights, weights, donate=(4,))
+        pools[place.pool] = SlotPool(table, slot_weights)
     else:
-      if store[l] is not None and states[l] is not None:
-        if adm is not None:  # the prefetch's copies, then the plan's
-          buffers[l] = ops.fill(l, buffers[l], store[l], adm.experts, adm.slots)
-        buffers[l] = ops.fill(l, buffers[l], store[l], d.loads, d.load_slots)
-      if seg.cpu:
-        has_cpu = d.counters[_CPU_PAIRS] > 0
-        extra = ops.cpu(l, has_cpu, x, store[l], d)
-      layer_buffers = buffers[l]
-      costs = ops.measured_costs(costs)
-    records.append(ops.record(d, adm, step.keep_experts))
-    pending = (h, x, layer_buffers, d.slots, d.mix, extra, has_cpu)
-  raise ValueError("a step's last segment must end with the output head")
+      pool = pools[place.pool] if place.residency == Residency.CACHED else None
+      table = None if pool is None else pool.table
+      slot_weights = None if pool is None else pool.weights
+      arrived = jnp.zeros(config.num_experts, bool)
+      if _prefetches(cfg, l):
+        if spec.prefetch == "provisional":
+          pred = scores if peeked is None else (peeked if prev.has_cpu is None else
+                                                jnp.where(prev.has_cpu, peeked, scores))
+        else:
+          pred = _predicted_scores(ops, cfg, l, prev, None, scores, kv[l])
+        table, adm, arrived = ops.run("prefetch", l, functools.partial(prefetch_layer, plan), layer, pred, valid,
+                                      table, consts.alpha)
+        slot_weights = ops.run("copy", l, fill_slots, slot_weights, store, adm.experts, adm.slots, donate=(0,))
+      knobs = Knobs(consts.alpha, consts.prior_strength, consts.similarity[l])
+      d = ops.run("plan", l, functools.partial(schedule_layer, plan), layer, scores, valid, table, consts.costs,
+                  arrived, knobs)
+      if pool is not None:
+        slot_weights = ops.run("copy", l, fill_slots, slot_weights, store, d.loads, d.load_slots, donate=(0,))
+        pools[place.pool] = SlotPool(d.table, slot_weights)
+      weights = slot_weights
+      if _may_cpu(cfg, pools, l):
+        has_cpu = d.counters.pairs_cpu > 0
+        extra = ops.cond(has_cpu, "cpu", l, functools.partial(cpu_experts, config.hidden_act),
+                         lambda x, *_: jnp.zeros(x.shape, jnp.float32), x, store, d)
+    if weights is None:  # no device slots: every pair ran on the host
+      weights = moe.ExpertWeights(*(jnp.zeros((1, *w.shape[1:]), w.dtype) for w in store))
+    prov, h = ops.run("experts", l, functools.partial(experts, config.hidden_act), layer, h, x, weights, d.slots,
+                      d.mix, extra)
+    counters.append(d.counters)
+    routing.append((d.experts, d.top))
+    prev = _Previous(prov, x, has_cpu, False)
+  out = ops.run("head", None, functools.partial(head, cfg.score), ops.decoder, h, batch.ids)
+  record = StepRecord(LayerCounters.stack(counters), tuple(routing) if cfg.routing else None)
+  return out, DecodeState(tuple(kv), tuple(pools)), record
 
 
-class InlineOps:
-  """Stages called directly on the modules, all inside one jit (`fused_forward`)."""
+def step_program(cfg: StepConfig, graphdef) -> Callable:
+  """`forward` as one jitted program: fn(consts, state, batch) -> (out, state, `StepRecord`), state donated.
 
-  def __init__(self, act: str, layers: list, edges):
-    self.act, self.layers, self.edges = act, layers, edges
-
-  @classmethod
-  def build(cls, act: str, layer_defs, edges_def: ModuleDef, layer_leaves, edges_leaves) -> InlineOps:
-    """Rebuilds the modules from their `ModuleDef`s and leaves (inside a jit)."""
-    return cls(act, [d.build(lv) for d, lv in zip(layer_defs, layer_leaves)], edges_def.build(edges_leaves))
-
-  def embed(self, ids):
-    return _embed(None, self.edges, ids)
-
-  def attend_dense(self, l, h, inputs, kv):
-    return _attend_dense(None, self.layers[l], h, inputs, kv)
-
-  def attend_route(self, l, h, inputs, kv):
-    return _attend_route(None, self.layers[l], h, inputs, kv)
-
-  def peek_scores(self, l, h, inputs, kv, when):
-    peek = lambda: _peek_scores(None, self.layers[l], h, inputs, kv)
-    if when is None:
-      return peek()
-    shape = jax.eval_shape(peek)
-    return jax.lax.cond(when, peek, lambda: jnp.zeros(shape.shape, shape.dtype))
-
-  @staticmethod
-  def either(when, pred, scores):
-    if pred is None:
-      return scores
-    return pred if when is None else jnp.where(when, pred, scores)
-
-  def gate_scores(self, l, x):
-    return _gate_scores(None, self.layers[l], x)
-
-  def experts(self, l, h, x, buffers, slots, mix, extra):
-    return _experts(self.act, self.layers[l], h, x, buffers, slots, mix, extra)
-
-  def schedule(self, l, step, scores, valid, state, costs, alpha, sim, prefetched, prior):
-    return _schedule((step.config, step.spec, step.substitute_weight, step.exact), self.layers[l], scores, valid,
-                     state, costs, alpha, sim, prefetched, prior)
-
-  def prefetch(self, l, step, pred, valid, state, alpha):
-    return _prefetch((step.config, step.spec), self.layers[l], pred, valid, state, alpha)
-
-  def fill(self, l, buffers, source, experts, slots):
-    return _fill(None, None, buffers, source, experts, slots)
-
-  def stream(self, l, store):
-    return _stream(None, None, store)
-
-  def warm(self, l, step, state, scores, valid, selected, buffers, streamed):
-    return _warm(step.spec.eviction or "score", None, state, scores, valid, selected, buffers, streamed)
-
-  def cpu(self, l, has_cpu, x, store, d: LayerDecision):
-    return jax.lax.cond(has_cpu, lambda: _cpu(self.act, None, x, store, d.experts, d.mix, d.on_cpu),
-                        lambda: jnp.zeros(x.shape, jnp.float32))
-
-  @staticmethod
-  def measured_costs(costs):
-    return costs
-
-  def head(self, score, h, ids):
-    return _head(score, self.edges, h, ids)
-
-  @staticmethod
-  def record(d, adm, keep_experts):
-    return _record(keep_experts, None, d, adm)
-
-  @staticmethod
-  def pack(records):
-    return Records(jnp.stack([r[0] for r in records]), [r[1] for r in records])
-
-
-def fused_forward(step: StepPlan, act: str, layer_defs: tuple, edges_def: ModuleDef, donate_buffers: bool) -> Callable:
-  """`forward` as one jitted call: fn(layer_leaves, edges_leaves, ids, inputs, valid, kvs, states, buffers, store,
-  costs, alpha, sims, prior), modules rebuilt inside from their leaves (`layer_defs`: per layer).
-
-  KV caches and cache states are donated (updated in place); slot buffers too
-  with `donate_buffers`; without it they are the model's own resident experts,
-  never written, and the call returns None in their place.
-  Not cached here: the engine keeps its own jitted functions, so that its
-  compiled executables (and their code mappings) are freed with it.
+  Not cached here: the engine keeps its own programs, so that their compiled
+  executables (and code mappings) are freed with it.
   """
 
-  def run(layer_leaves, edges_leaves, *args):
-    ops = InlineOps.build(act, layer_defs, edges_def, layer_leaves, edges_leaves)
-    out, kvs, states, buffers, costs, records = forward(ops, step, *args)
-    # Returning buffers that are not donated would copy them (the model's whole resident expert set) every step.
-    return out, kvs, states, buffers if donate_buffers else None, costs, records
+  def run(consts: StepConstants, state: DecodeState, batch: StepInput):
+    return forward(InlineOps(graphdef, consts.params), cfg, consts, state, batch)
 
-  return jax.jit(run, donate_argnums=(5, 6, 7) if donate_buffers else (5, 6))
+  return jax.jit(run, donate_argnames="state")
+
+
+class DecodeConfig(NamedTuple):
+  """A decode loop's static settings: the step, the scanned length (a bucket of the tokens to emit), sampling."""
+
+  step: StepConfig
+  length: int
+  temperature: float
+  top_p: float
+
+
+class DecodeInput(NamedTuple):
+  """Where a decode loop starts.
+
+  logits `[B, V]` after the prompt; seed: of the sampling key; forced
+  `[B, length]` tokens to feed instead of sampling (or None); feed
+  `[B, length]` bool, whether step i's token of a row is real; positions
+  `[B, 1]` and index: rotary position and cache row of the first step;
+  n <= length: tokens to emit.
+  """
+
+  logits: jax.Array
+  seed: jax.Array
+  forced: jax.Array | None
+  feed: jax.Array
+  positions: jax.Array
+  index: jax.Array
+  n: jax.Array
 
 
 class Decoded(NamedTuple):
-  """What `fused_decode` returns: per emitted token `[length, B]` token, logp, greedy; per forward step the
-  `Records` stacked on a leading `[length]` axis; and the state it leaves (kvs, states, buffers, costs)."""
+  """What `decode_program` returns: per emitted token `[length, B]` token, logp, greedy; per forward step the
+  `StepRecord` stacked on a leading `[length]` axis; and the state it leaves."""
 
-  tokens: Any
-  logp: Any
-  greedy: Any
-  records: Records
-  kvs: Any
-  states: Any
-  buffers: Any
-  costs: Any
+  tokens: jax.Array
+  logp: jax.Array
+  greedy: jax.Array
+  records: StepRecord
+  state: DecodeState
 
 
-def fused_decode(step: StepPlan, act: str, layer_defs: tuple, edges_def: ModuleDef, donate_buffers: bool, *,
-                 length: int, temperature: float, top_p: float) -> Callable:
-  """Decoding on the device: n emitted tokens and the n - 1 forward steps between them as one program.
+def decode(ops: StepOps, cfg: DecodeConfig, consts: StepConstants, state: DecodeState, start: DecodeInput) -> Decoded:
+  """n emitted tokens and the n - 1 forward steps between them, as a scan carrying (logits, key, state).
 
-  fn(layer_leaves, edges_leaves, logits, key, forced, feed, positions, index, n, kvs, states, buffers, store,
-  costs, alpha, sims, prior) -> `Decoded`. logits `[B, V]` come from the prompt; forced `[B, length]` tokens to
-  feed instead of sampling (or None); feed `[B, length]` bool, whether forward step i's token of a row is
-  real; positions `[B, 1]` and index: rotary position and cache row of the first step, advancing by one per
-  step; n <= length (traced). Every step is `forward` exactly as `fused_forward` runs it, so the two agree
-  token for token; the host reads all steps' counters once at the end.
+  Every step is `forward` exactly as `step_program` runs it, so the two agree
+  token for token; steps past n - 1 (the scan runs a bucketed length) pass the
+  carry on unchanged.
   """
 
-  def run(layer_leaves, edges_leaves, logits, key, forced, feed, positions, index, n, kvs, states, buffers, store,
-          costs, alpha, sims, prior):
-    ops = InlineOps.build(act, layer_defs, edges_def, layer_leaves, edges_leaves)
+  def emit(i, logits, key):
+    token = None if start.forced is None else jax.lax.dynamic_index_in_dim(start.forced, i, axis=1, keepdims=False)
+    return sampling.emit(logits, key, token, temperature=cfg.temperature, top_p=cfg.top_p)
 
-    def emit(i, logits, key):
-      token = None if forced is None else jax.lax.dynamic_index_in_dim(forced, i, axis=1, keepdims=False)
-      return sampling.emit(logits, key, token, temperature=temperature, top_p=top_p)
+  def forward_step(i, carry):
+    logits, key, state = carry
+    token, logp, greedy, key = emit(i, logits, key)
+    batch = StepInput(token[:, None], start.positions + i, jax.lax.dynamic_slice_in_dim(start.feed, i, 1, axis=1),
+                      start.index + i)
+    out, state, record = forward(ops, cfg.step, consts, state, batch)
+    return (out, key, state), (token, logp, greedy, record)
 
-    def forward_step(i, carry):
-      logits, key, kvs, states, buffers, costs = carry
-      token, logp, greedy, key = emit(i, logits, key)
-      valid = jax.lax.dynamic_slice_in_dim(feed, i, 1, axis=1)
-      inputs = attention_inputs(step.config, positions + i, valid, index + i)
-      out, kvs, states, buffers, costs, records = forward(ops, step, token[:, None], inputs, valid.reshape(-1), kvs,
-                                                          states, buffers, store, costs, alpha, sims, prior)
-      return (out, key, kvs, states, buffers, costs), (token, logp, greedy, records)
+  init = (start.logits, jax.random.PRNGKey(start.seed), state)
+  shapes = jax.eval_shape(forward_step, jnp.int32(0), init)[1]
 
-    init = (logits, key, kvs, states, buffers, costs)
-    shapes = jax.eval_shape(forward_step, jnp.int32(0), init)[1]
+  def skip(_, carry):
+    return carry, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
-    def skip(_, carry):
-      return carry, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+  def scan_step(carry, i):
+    return jax.lax.cond(i < start.n - 1, forward_step, skip, i, carry)
 
-    def scan_step(carry, i):  # steps past n - 1 only pass the carry on (length is a bucket of n)
-      return jax.lax.cond(i < n - 1, forward_step, skip, i, carry)
-
-    carry, ys = jax.lax.scan(scan_step, init, jnp.arange(length))
-    logits, key, kvs, states, buffers, costs = carry
-    token, logp, greedy, _ = emit(n - 1, logits, key)
-    last = lambda y, v: jax.lax.dynamic_update_index_in_dim(y, v, n - 1, 0)
-    return Decoded(last(ys[0], token), last(ys[1], logp), last(ys[2], greedy), ys[3], kvs, states,
-                   buffers if donate_buffers else None, costs)
-
-  return jax.jit(run, donate_argnums=(9, 10, 11) if donate_buffers else (9, 10))
+  (logits, key, state), (tokens, logp, greedy, records) = jax.lax.scan(scan_step, init, jnp.arange(cfg.length))
+  token, last_logp, last_greedy, _ = emit(start.n - 1, logits, key)
+  last = lambda y, v: jax.lax.dynamic_update_index_in_dim(y, v, start.n - 1, 0)
+  return Decoded(last(tokens, token), last(logp, last_logp), last(greedy, last_greedy), records, state)
 
 
-class StagedOps:
-  """Stages as separate jitted calls; with `timer`, each is blocked on and timed.
+def decode_program(cfg: DecodeConfig, graphdef) -> Callable:
+  """`decode` as one jitted program: fn(consts, state, start) -> `Decoded`, state donated."""
 
-  timer: None, or `timer(layer, name, seconds)` receiving each stage's layer
-    (None for embedding and head) and name.
-  measure_costs: time every copy and CPU pass (blocking) and fold them into
-    the cost model (the balance policies' split), as `measured_costs` returns it.
-  jits: the caller's dict of jitted stages (kept across steps).
-  """
+  def run(consts: StepConstants, state: DecodeState, start: DecodeInput):
+    return decode(InlineOps(graphdef, consts.params), cfg, consts, state, start)
 
-  def __init__(self, act: str, layers: list, edges, jits: dict, timer=None, measure_costs: bool = False):
-    self.act, self.layers, self.edges, self.jits = act, layers, edges, jits
-    self.timer, self.measure_costs = timer, measure_costs
-    self._measured = {}
-
-  def _call(self, layer, name, fn, static, module, *args, donate=()):
-    mdef, leaves = module if module is not None else (None, None)
-    t = time.perf_counter()
-    key = (fn, static, mdef, donate)
-    if key not in self.jits:
-      build = (lambda lv: mdef.build(lv)) if mdef is not None else (lambda lv: None)
-      self.jits[key] = jax.jit(lambda lv, *a: fn(static, build(lv), *a), donate_argnums=donate)
-    out = self.jits[key](leaves, *args)
-    seconds = None
-    if self.timer is not None or (self.measure_costs and name in ("copy", "cpu")):
-      jax.block_until_ready(out)
-      seconds = time.perf_counter() - t
-      if self.timer is not None:
-        self.timer(layer, name, seconds)
-    return out, seconds
-
-  def _run(self, layer, name, fn, static, module, *args, donate=()):
-    return self._call(layer, name, fn, static, module, *args, donate=donate)[0]
-
-  def embed(self, ids):
-    return self._run(None, "head", _embed, None, self.edges, ids)
-
-  def attend_dense(self, l, h, inputs, kv):
-    return self._run(l, "attention", _attend_dense, None, self.layers[l], h, inputs, kv, donate=(3,))
-
-  def attend_route(self, l, h, inputs, kv):
-    return self._run(l, "attention", _attend_route, None, self.layers[l], h, inputs, kv, donate=(3,))
-
-  def peek_scores(self, l, h, inputs, kv, when):
-    if when is not None and not bool(when):
-      return None
-    return self._run(l, "prefetch", _peek_scores, None, self.layers[l], h, inputs, kv)
-
-  @staticmethod
-  def either(when, pred, scores):
-    return scores if pred is None else pred
-
-  def gate_scores(self, l, x):
-    return self._run(l, "prefetch", _gate_scores, None, self.layers[l], x)
-
-  def experts(self, l, h, x, buffers, slots, mix, extra):
-    return self._run(l, "experts", _experts, self.act, self.layers[l], h, x, buffers, slots, mix, extra)
-
-  def schedule(self, l, step, scores, valid, state, costs, alpha, sim, prefetched, prior):
-    return self._run(l, "plan", _schedule, (step.config, step.spec, step.substitute_weight, step.exact),
-                     self.layers[l], scores, valid, state, costs, alpha, sim, prefetched, prior)
-
-  def prefetch(self, l, step, pred, valid, state, alpha):
-    return self._run(l, "prefetch", _prefetch, (step.config, step.spec), self.layers[l], pred, valid, state, alpha)
-
-  def fill(self, l, buffers, source, experts, slots):
-    n = int((np.asarray(experts) >= 0).sum())
-    if not n:
-      return buffers
-    out, seconds = self._call(l, "copy", _fill, None, None, buffers, source, experts, slots, donate=(1,))
-    if seconds is not None:
-      total, count = self._measured.get("load", (0.0, 0))
-      self._measured["load"] = (total + seconds, count + n)
-    return out
-
-  def stream(self, l, store):
-    return self._run(l, "copy", _stream, None, None, store)
-
-  def warm(self, l, step, state, scores, valid, selected, buffers, streamed):
-    return self._run(l, "copy", _warm, step.spec.eviction or "score", None, state, scores, valid, selected, buffers,
-                     streamed, donate=(5,))
-
-  def cpu(self, l, has_cpu, x, store, d: LayerDecision):
-    if not bool(has_cpu):
-      return None
-    out, seconds = self._call(l, "cpu", _cpu, self.act, None, x, store, d.experts, d.mix, d.on_cpu)
-    if seconds is not None:
-      self._measured["cpu"] = (seconds, int(d.counters[_CPU_EXPERTS]))
-    return out
-
-  def measured_costs(self, costs):
-    """Folds the copies and CPU pass timed since the last call into `costs` (with `measure_costs`)."""
-    if self.measure_costs and self._measured:
-      load_s, n_load = self._measured.get("load", (None, 0))
-      cpu_s, n_cpu = self._measured.get("cpu", (None, 0))
-      costs = balance.update_costs(costs, load_s=load_s, n_load=n_load, cpu_s=cpu_s, n_cpu=n_cpu)
-    self._measured = {}
-    return costs
-
-  def head(self, score, h, ids):
-    return self._run(None, "head", _head, score, self.edges, h, ids)
-
-  def record(self, d, adm, keep_experts):
-    return self._run(None, "plan", _record, keep_experts, None, d, adm)
-
-  @staticmethod
-  def pack(records):
-    return Records(np.stack([np.asarray(r[0]) for r in records]), [r[1] for r in records])
+  return jax.jit(run, donate_argnames="state")

@@ -14,16 +14,6 @@ import json
 import os
 from typing import Any, Mapping
 
-SUPPORTED_MODEL_TYPES = (
-    "qwen2_moe",
-    "qwen3_moe",
-    "mixtral",
-    "olmoe",
-    "deepseek_v2",
-    "deepseek_v3",
-    "deepseek",
-    "xverse",
-)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 
 
@@ -431,6 +421,10 @@ _CONVERTERS = {
     "deepseek": _from_deepseek,
     "xverse": _from_xverse,
 }
+
+
+SUPPORTED_MODEL_TYPES = _CONVERTERS.keys()
+"""The model_types `from_hf_config` converts (a live view: `register_family` adds to it)."""
 
 
 def register_family(model_type: str, converter) -> None:

@@ -3,7 +3,7 @@
 Weights are stacked per layer as `[E, D, F]` / `[E, F, D]` JAX arrays in the
 `pinned_host` memory kind. The engine's jitted step reads them in place: a
 copy into the device cache slices one expert from the store and moves it to
-device memory (`moejax.offload.cache.fill_slots`; a DMA transfer on a GPU),
+device memory (`moejax.offload.slots.fill_slots`; a DMA transfer on a GPU),
 and CPU experts compute on the host directly from it
 (`moejax.offload.cpu.host_experts`). The store never keeps an expert on the
 device.

@@ -1,24 +1,34 @@
-"""Per-layer expert-cache state, its statistics and admission/eviction.
+"""Expert-cache state, its statistics and admission/eviction.
 
-The device holds ``S`` expert slots per MoE layer. :class:`CacheState` is the
-layer's bookkeeping as a pytree: which expert sits in which slot, plus the
-statistics that the eviction policies rank experts by. The state never holds
-weights; the offload layer copies the experts that :func:`admit` lists.
+The device holds ``S`` expert slots, either per MoE layer or in one pool that
+all MoE layers share (the paper's released code). :class:`CacheState` is the
+bookkeeping of one such set of slots as a pytree: which expert sits in which
+slot, plus the statistics that the eviction policies rank experts by. The
+state never holds weights; the offload layer copies the experts that
+:func:`admit` lists.
 
-Per step the caller (the engine) does, for each layer::
+A state serves ``G`` *groups* of ``E`` experts: ``G = 1`` for a per-layer
+cache, ``G`` = the number of MoE layers for a shared pool, where the expert
+``e`` of the layer in group ``g`` has the key ``g * E + e``. Every function
+takes and returns one group's view (``[E]`` masks, layer-local expert ids);
+eviction chooses among the residents of *all* groups.
 
-    plan = route(scores, resident_mask(state), ...)
-    state, adm = admit(state, want, shield, priority, policy=..., max_loads=...)
+Per step the caller (the engine) does, for each layer (its group ``g``)::
+
+    plan = route(scores, resident_mask(state, g), ...)
+    state, adm = admit(state, want, shield, priority, policy=..., max_loads=..., group=g)
     ... copy adm.experts into adm.slots, compute ...
-    state = observe(state, scores, plan.needed, valid)
+    state = observe(state, scores, plan.needed, valid, group=g)
 
 Eviction policies (the resident, non-shielded expert with the lowest key is
-evicted; ties go to the lowest expert id):
+evicted; ties go to the lowest key):
 
-- ``"score"``: mean gate score over the last ``n`` steps (SPEC section 4).
-- ``"lru"``: step of last use (mixtral-offloading style).
+- ``"score"``: mean gate score over the last ``n`` steps of its layer (SPEC section 4).
+- ``"lru"``: clock of last use (mixtral-offloading style); the clock advances
+  at every :func:`observe`, so in a shared pool it orders uses across layers.
 - ``"lfu"``: accumulated activation count (MoE-Infinity style).
 - ``"mrs"``: exponentially decayed gate score (HybriMoE's score-based MRS).
+- ``"fifo"``: order of admission; uses do not refresh it (the paper's released code).
 """
 
 from __future__ import annotations
@@ -30,25 +40,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-EVICTION_POLICIES = ("score", "lru", "lfu", "mrs")
+EVICTION_POLICIES = ("score", "lru", "lfu", "mrs", "fifo")
 
 
 @flax.struct.dataclass
 class CacheState:
-  """Bookkeeping of one layer's expert cache (``S`` slots, ``E`` experts).
+  """Bookkeeping of ``S`` expert slots serving ``G`` groups of ``E`` experts (keys ``g * E + e``).
 
   Attributes:
-    slot_expert: ``[S] int32`` expert held by each slot, -1 if empty.
-    expert_slot: ``[E] int32`` slot of each expert, -1 if not resident.
-    score_hist: ``[n, E] float32`` ring buffer of the last ``n`` steps' mean
-      gate score per expert.
-    hist_len: ``int32`` number of valid rows in ``score_hist``.
-    hist_pos: ``int32`` row the next step writes.
-    last_used: ``[E] int32`` step at which each expert was last used or
-      admitted (-1: never); the LRU clock.
-    use_count: ``[E] float32`` steps in which each expert was used (LFU).
-    ema_score: ``[E] float32`` exponentially decayed mean gate score (MRS).
-    step: ``int32`` steps observed so far.
+    slot_expert: ``[S] int32`` key held by each slot, -1 if empty.
+    expert_slot: ``[G * E] int32`` slot of each key, -1 if not resident.
+    score_hist: ``[n, G * E] float32`` per group, a ring buffer of its last
+      ``n`` steps' mean gate score per expert.
+    hist_len: ``[G] int32`` valid rows of each group's ring buffer.
+    hist_pos: ``[G] int32`` row each group's next step writes.
+    last_used: ``[G * E] int32`` clock at which each key was last used or
+      admitted (-1: never); the LRU key.
+    use_count: ``[G * E] float32`` steps in which each key was used (LFU).
+    ema_score: ``[G * E] float32`` exponentially decayed mean gate score (MRS).
+    loaded_at: ``[G * E] int32`` admission number of each key (FIFO), -1 never.
+    admissions: ``int32`` keys admitted so far.
+    step: ``int32`` the clock: steps observed so far, over all groups.
   """
 
   slot_expert: jax.Array
@@ -59,6 +71,8 @@ class CacheState:
   last_used: jax.Array
   use_count: jax.Array
   ema_score: jax.Array
+  loaded_at: jax.Array
+  admissions: jax.Array
   step: jax.Array
 
   @property
@@ -66,8 +80,13 @@ class CacheState:
     return self.slot_expert.shape[-1]
 
   @property
+  def num_groups(self) -> int:
+    return self.hist_len.shape[-1]
+
+  @property
   def num_experts(self) -> int:
-    return self.expert_slot.shape[-1]
+    """Experts per group, ``E``."""
+    return self.expert_slot.shape[-1] // self.num_groups
 
 
 class Admission(NamedTuple):
@@ -87,21 +106,25 @@ class Admission(NamedTuple):
 
 
 def _expert_slot_table(slot_expert: jax.Array, num_experts: int) -> jax.Array:
-  """``[S]`` slot -> expert table to the ``[E]`` expert -> slot table."""
+  """``[S]`` slot -> key table to the ``[num_experts]`` key -> slot table."""
   slots = jnp.arange(slot_expert.shape[0], dtype=jnp.int32)
   index = jnp.where(slot_expert >= 0, slot_expert, num_experts)
   return jnp.full(num_experts, -1, jnp.int32).at[index].set(slots, mode="drop")
 
 
-def init_cache_state(num_experts: int, num_slots: int, *, window: int = 8, initial_experts=None) -> CacheState:
-  """An empty (or pre-filled) cache for one layer.
+def init_cache_state(
+  num_experts: int, num_slots: int, *, window: int = 8, initial_experts=None, num_groups: int = 1
+) -> CacheState:
+  """An empty (or pre-filled) cache.
 
   Args:
-    num_experts: ``E``, routed experts of the layer.
-    num_slots: ``S >= 1``, device expert slots of the layer.
+    num_experts: ``E``, routed experts of one layer.
+    num_slots: ``S >= 1``, device expert slots.
     window: ``n``, steps of score history for the ``"score"`` policy.
-    initial_experts: optional ``[S] int32`` expert per slot (-1 empty),
-      e.g. the most activated experts of a calibration run.
+    initial_experts: optional ``[S] int32`` key per slot (-1 empty), e.g.
+      the most activated experts of a calibration run; they count as admitted
+      in slot order.
+    num_groups: ``G``, layers sharing the slots (1: a per-layer cache).
 
   Returns:
     A :class:`CacheState` with all statistics zero and ``last_used`` -1.
@@ -113,6 +136,9 @@ def init_cache_state(num_experts: int, num_slots: int, *, window: int = 8, initi
     )
   if window < 1:
     raise ValueError(f"window must be >= 1 (got {window}).")
+  if num_groups < 1:
+    raise ValueError(f"num_groups must be >= 1 (got {num_groups}).")
+  keys = num_groups * num_experts
   if initial_experts is None:
     slot_expert = jnp.full(num_slots, -1, jnp.int32)
   else:
@@ -120,56 +146,86 @@ def init_cache_state(num_experts: int, num_slots: int, *, window: int = 8, initi
     placed = ids[ids >= 0]
     if (
       ids.shape != (num_slots,)
-      or np.any(ids >= num_experts)
+      or np.any(ids >= keys)
       or np.any(ids < -1)
       or len(np.unique(placed)) != len(placed)
     ):
       raise ValueError(
-        f"initial_experts must be {num_slots} distinct expert ids in "
-        f"[0, {num_experts}) or -1 for an empty slot (got {ids})."
+        f"initial_experts must be {num_slots} distinct expert keys in "
+        f"[0, {keys}) or -1 for an empty slot (got {ids})."
       )
     slot_expert = jnp.asarray(ids, jnp.int32)
+  expert_slot = _expert_slot_table(slot_expert, keys)
   return CacheState(
     slot_expert=slot_expert,
-    expert_slot=_expert_slot_table(slot_expert, num_experts),
-    score_hist=jnp.zeros((window, num_experts), jnp.float32),
-    hist_len=jnp.int32(0),
-    hist_pos=jnp.int32(0),
-    last_used=jnp.full(num_experts, -1, jnp.int32),
-    use_count=jnp.zeros(num_experts, jnp.float32),
-    ema_score=jnp.zeros(num_experts, jnp.float32),
+    expert_slot=expert_slot,
+    score_hist=jnp.zeros((window, keys), jnp.float32),
+    hist_len=jnp.zeros(num_groups, jnp.int32),
+    hist_pos=jnp.zeros(num_groups, jnp.int32),
+    last_used=jnp.full(keys, -1, jnp.int32),
+    use_count=jnp.zeros(keys, jnp.float32),
+    ema_score=jnp.zeros(keys, jnp.float32),
+    loaded_at=jnp.array(expert_slot),  # initial experts count as admitted in slot order (FIFO)
+    admissions=jnp.sum(slot_expert >= 0, dtype=jnp.int32),
     step=jnp.int32(0),
   )
 
 
-def resident_mask(state: CacheState) -> jax.Array:
-  """``[E] bool``: experts currently in a slot."""
-  return state.expert_slot >= 0
+def _block(x: jax.Array, state: CacheState, group) -> jax.Array:
+  """The ``[E]`` block of a ``[G * E]`` array belonging to ``group`` (may be traced)."""
+  e = state.num_experts
+  return jax.lax.dynamic_slice_in_dim(x, group * e, e, axis=-1)
+
+
+def _embed(block: jax.Array, state: CacheState, group, fill=0) -> jax.Array:
+  """A group's ``[E]`` array placed in a ``[G * E]`` one, ``fill`` elsewhere."""
+  if state.num_groups == 1:
+    return block
+  full = jnp.full(block.shape[:-1] + (state.num_groups * state.num_experts,), fill, block.dtype)
+  return jax.lax.dynamic_update_slice_in_dim(full, block, group * state.num_experts, axis=-1)
+
+
+def resident_mask(state: CacheState, group=0) -> jax.Array:
+  """``[E] bool``: experts of ``group`` currently in a slot."""
+  return _block(state.expert_slot, state, group) >= 0
+
+
+def expert_slots(state: CacheState, group=0) -> jax.Array:
+  """``[E] int32``: slot of each expert of ``group``, -1 if not resident."""
+  return _block(state.expert_slot, state, group)
 
 
 def window_score(state: CacheState) -> jax.Array:
-  """``[E] float32``: mean gate score over the history window (0 if empty)."""
+  """``[G * E] float32``: mean gate score over each key's layer's history window (0 if empty)."""
   total = jnp.sum(state.score_hist, axis=0)
-  return total / jnp.maximum(state.hist_len, 1).astype(jnp.float32)
+  steps = jnp.repeat(jnp.maximum(state.hist_len, 1), state.num_experts).astype(jnp.float32)
+  return total / steps
 
 
 def observe(
-  state: CacheState, scores: jax.Array, used: jax.Array, valid: jax.Array | None = None, *, ema_decay: float = 0.9
+  state: CacheState,
+  scores: jax.Array,
+  used: jax.Array,
+  valid: jax.Array | None = None,
+  *,
+  ema_decay: float = 0.9,
+  group=0,
 ) -> CacheState:
-  """Records one step of the layer in the cache statistics.
+  """Records one step of a layer (its ``group``) in the cache statistics.
 
   Args:
-    state: the layer's :class:`CacheState`.
-    scores: ``[T, E]`` gate probabilities of all experts this step.
+    state: the :class:`CacheState`.
+    scores: ``[T, E]`` gate probabilities of all experts of the layer this step.
     used: ``[E] bool`` experts computed this step (e.g. ``Plan.needed``).
     valid: ``[T] bool``, False for padding tokens; default all valid.
     ema_decay: weight of the past in ``ema_score`` (may be traced).
+    group: the layer's group (may be traced).
 
   Returns:
     The state with this step's mean score over valid tokens pushed into the
-    window and blended into ``ema_score``, ``last_used`` and ``use_count``
-    updated for ``used``, and ``step`` advanced. A step without valid
-    tokens leaves the score statistics unchanged.
+    group's window and blended into its ``ema_score``, ``last_used`` and
+    ``use_count`` updated for ``used``, and the clock ``step`` advanced. A
+    step without valid tokens leaves the score statistics unchanged.
   """
   if valid is None:
     valid = jnp.ones(scores.shape[:1], bool)
@@ -178,23 +234,26 @@ def observe(
   mean = (jnp.sum(jnp.where(valid[:, None], scores, 0), axis=0) / jnp.maximum(n_valid, 1)).astype(jnp.float32)
   has_tokens = n_valid > 0
   window = state.score_hist.shape[0]
+  pos, length = state.hist_pos[group], state.hist_len[group]
 
-  score_hist = state.score_hist.at[state.hist_pos].set(jnp.where(has_tokens, mean, state.score_hist[state.hist_pos]))
-  ema = ema_decay * state.ema_score + (1 - ema_decay) * mean
-  used = used.astype(bool)
+  row = _embed(mean, state, group)
+  mine = _embed(jnp.ones(mean.shape, bool), state, group, fill=False) & has_tokens
+  score_hist = state.score_hist.at[pos].set(jnp.where(mine, row, state.score_hist[pos]))
+  ema = ema_decay * state.ema_score + (1 - ema_decay) * row
+  used = _embed(used.astype(bool), state, group, fill=False)
   return state.replace(
     score_hist=score_hist,
-    hist_len=jnp.where(has_tokens, jnp.minimum(state.hist_len + 1, window), state.hist_len),
-    hist_pos=jnp.where(has_tokens, (state.hist_pos + 1) % window, state.hist_pos),
+    hist_len=state.hist_len.at[group].set(jnp.where(has_tokens, jnp.minimum(length + 1, window), length)),
+    hist_pos=state.hist_pos.at[group].set(jnp.where(has_tokens, (pos + 1) % window, pos)),
     last_used=jnp.where(used, state.step, state.last_used),
     use_count=state.use_count + used,
-    ema_score=jnp.where(has_tokens, ema, state.ema_score).astype(jnp.float32),
+    ema_score=jnp.where(mine, ema, state.ema_score).astype(jnp.float32),
     step=state.step + 1,
   )
 
 
 def eviction_key(state: CacheState, policy: str) -> jax.Array:
-  """``[E] float32`` key of each expert; the lowest is evicted first."""
+  """``[G * E] float32`` eviction key of each expert key; the lowest is evicted first."""
   if policy == "score":
     return window_score(state)
   if policy == "lru":
@@ -203,6 +262,8 @@ def eviction_key(state: CacheState, policy: str) -> jax.Array:
     return state.use_count
   if policy == "mrs":
     return state.ema_score
+  if policy == "fifo":
+    return state.loaded_at.astype(jnp.float32)
   raise ValueError(f"unknown eviction policy {policy!r}; choose one of {EVICTION_POLICIES}.")
 
 
@@ -214,40 +275,47 @@ def admit(
   *,
   policy: str,
   max_loads: int,
+  group=0,
 ) -> tuple[CacheState, Admission]:
-  """Admits wanted experts into the cache, evicting by ``policy``.
+  """Admits wanted experts of one layer (its ``group``) into the cache, evicting by ``policy``.
 
   Wanted experts that are not resident are admitted one at a time, highest
   ``priority`` first (ties: lower expert id), at most ``max_loads`` of them.
   Each goes to an empty slot if there is one (lowest slot first), otherwise
-  it evicts the resident expert with the lowest :func:`eviction_key` that is
-  neither shielded nor wanted (wanted experts, resident or admitted in this
-  call, are never evicted). Admission stops once no slot can be freed.
+  it evicts the resident key (of any group) with the lowest
+  :func:`eviction_key` that is neither shielded nor wanted (wanted experts,
+  resident or admitted in this call, are never evicted). Admission stops once
+  no slot can be freed.
 
   Args:
-    state: the layer's :class:`CacheState`.
-    want: ``[E] bool`` experts to bring to the device.
-    shield: ``[E] bool`` experts that must stay (e.g. computed this layer).
+    state: the :class:`CacheState`.
+    want: ``[E] bool`` experts of the group to bring to the device.
+    shield: ``[E] bool`` experts of the group that must stay (e.g. computed
+      this layer).
     priority: ``[E] float`` admission order, higher first; default expert
       id order.
     policy: one of :data:`EVICTION_POLICIES` (static).
     max_loads: most experts admitted by this call (static).
+    group: the layer's group (may be traced).
 
   Returns:
     ``(state, admission)``: slot tables updated (admitted experts get
-    ``last_used = state.step``), and the :class:`Admission` listing the
-    copies to make.
+    ``last_used = state.step`` and the next admission numbers), and the
+    :class:`Admission` listing the copies to make (layer-local expert ids).
   """
   key = eviction_key(state, policy)
   if max_loads < 0:
     raise ValueError(f"max_loads must be >= 0 (got {max_loads}).")
   num_experts = state.num_experts
-  want = want.astype(bool)
+  num_keys = num_experts * state.num_groups
+  offset = group * num_experts
+  want = _embed(want.astype(bool), state, group, fill=False)
   to_admit = want & (state.expert_slot < 0)
-  protected = want | shield.astype(bool)
+  protected = want | _embed(shield.astype(bool), state, group, fill=False)
   if priority is None:
     priority = jnp.zeros(num_experts, jnp.float32)
-  ids = jnp.arange(num_experts)
+  priority = _embed(jnp.asarray(priority, jnp.float32), state, group)
+  ids = jnp.arange(num_keys)
   order = jnp.lexsort((ids, -priority, ~to_admit))
 
   def body(i, carry):
@@ -260,18 +328,18 @@ def admit(
     # does not depend on which slot an expert happens to occupy.
     lowest = jnp.min(jnp.where(evictable, slot_key, jnp.inf))
     tied = evictable & (slot_key == lowest)
-    victim_slot = jnp.argmin(jnp.where(tied, slot_expert, num_experts))
+    victim_slot = jnp.argmin(jnp.where(tied, slot_expert, num_keys))
     slot = jnp.where(empty.any(), jnp.argmax(empty), victim_slot)
     ok = to_admit[expert] & (empty.any() | evictable.any())
     # An expert left out means no slot is free: later ones skip as well.
     ok = ok & (count == i)
     victim = slot_expert[slot]
-    new_expert_slot = expert_slot.at[jnp.where(victim >= 0, victim, num_experts)].set(-1, mode="drop")
+    new_expert_slot = expert_slot.at[jnp.where(victim >= 0, victim, num_keys)].set(-1, mode="drop")
     new_expert_slot = new_expert_slot.at[expert].set(slot)
     return (
       jnp.where(ok, slot_expert.at[slot].set(expert), slot_expert),
       jnp.where(ok, new_expert_slot, expert_slot),
-      experts.at[i].set(jnp.where(ok, expert, -1)),
+      experts.at[i].set(jnp.where(ok, expert - offset, -1)),
       slots.at[i].set(jnp.where(ok, slot, -1)),
       count + ok,
     )
@@ -280,8 +348,14 @@ def admit(
   slot_expert, expert_slot, experts, slots, count = jax.lax.fori_loop(
     0, min(max_loads, num_experts), body, (state.slot_expert, state.expert_slot, padding, padding, jnp.int32(0))
   )
-  admitted = jnp.isin(ids, experts)
+  # Admitted keys get the next admission numbers in admission order (the FIFO clock).
+  admitted_keys = jnp.where(experts >= 0, experts + offset, num_keys)
+  number = state.admissions + jnp.arange(experts.shape[0], dtype=jnp.int32)
   state = state.replace(
-    slot_expert=slot_expert, expert_slot=expert_slot, last_used=jnp.where(admitted, state.step, state.last_used)
+    slot_expert=slot_expert,
+    expert_slot=expert_slot,
+    last_used=state.last_used.at[admitted_keys].set(state.step, mode="drop"),
+    loaded_at=state.loaded_at.at[admitted_keys].set(number, mode="drop"),
+    admissions=state.admissions + count,
   )
   return state, Admission(experts=experts, slots=slots, count=count)

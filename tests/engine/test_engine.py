@@ -130,10 +130,10 @@ def test_lru_counts_match_brute_force(host_model):
     state = probe.states[layer]
     resident = [int(e) for e in np.asarray(state.slot_expert) if e >= 0]
     last_used = {e: int(np.asarray(state.last_used)[e]) for e in range(NUM_EXPERTS)}
-    steps = [r[layer] for r in result.routing[1:]]
+    steps = [r[layer].experts for r in result.routing[1:]]
     assert len(steps) == new - 1
     hits, loads = _brute_force_lru(steps, slots, resident, last_used, int(np.asarray(state.step)))
-    assert per_layer["pairs_hit"][layer] == hits
+    assert per_layer["pairs_resident"][layer] + per_layer["pairs_prefetch"][layer] == hits
     assert per_layer["demand_loads"][layer] == loads
     assert per_layer["bytes_to_device"][layer] == loads * expert_bytes
     assert per_layer["pairs"][layer] == (new - 1) * TOP_K
@@ -220,3 +220,13 @@ def test_device_decode_loop_equals_host_driven_steps(host_model, temperature):
   np.testing.assert_allclose(on_device.logprobs, stepped.logprobs, atol=1e-5)
   assert on_device.stats["per_layer"] == stepped.stats["per_layer"]
   assert [len(t.layers) for t in on_device.trace] == [len(t.layers) for t in stepped.trace]
+
+
+def test_device_decode_makes_no_hidden_transfers(host_model):
+  """After compiling, a whole `generate` on the device path moves data only by explicit device_put / device_get."""
+  engine = Engine(host_model, policy="smoe", alpha=0.3, cache_slots=TOP_K, costs="rtx4060ti_16gb")
+  expected = engine.generate(PROMPTS, NEW, MASK)
+  engine.reset()
+  with jax.transfer_guard("disallow"):
+    result = engine.generate(PROMPTS, NEW, MASK)
+  np.testing.assert_array_equal(result.tokens, expected.tokens)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.models.moe import ExpertWeights
-from moejax.offload import cache as slot_cache
+from moejax.offload import slots as slot_cache
 from moejax.offload.cpu import host_experts
 from moejax.offload.store import HostExpertStore
 

@@ -57,7 +57,7 @@ def test_observe_statistics():
   # Step 2 overwrites step 0 in the window of 2: mean of steps 1 and 2.
   state = observe(state, jnp.array([[0.3, 0.7, 0.0]]), mask(3, [1]), ema_decay=0.5)
   np.testing.assert_allclose(cache.window_score(state), [0.2, 0.4, 0.4])
-  assert int(state.step) == 3 and int(state.hist_len) == 2
+  assert int(state.step) == 3 and state.hist_len.tolist() == [2]
   # A step without valid tokens changes no score statistic.
   before = state
   state = observe(state, jnp.ones((1, 3)), mask(3, []), jnp.array([False]))
@@ -79,7 +79,7 @@ def full_cache():
   pad = [0.0] * 4
   return state.replace(
     score_hist=jnp.array([[0.05, 0.4, 0.3, 0.2] + pad]),
-    hist_len=jnp.int32(1),
+    hist_len=jnp.array([1], jnp.int32),
     last_used=jnp.array([5, 1, 6, 7] + [-1] * 4, jnp.int32),
     use_count=jnp.array([9.0, 8, 2, 5] + pad),
     ema_score=jnp.array([0.5, 0.4, 0.3, 0.01] + pad),
@@ -133,8 +133,8 @@ def test_empty_slots_first_in_priority_order_until_full():
 
 
 def test_unknown_policy():
-  with pytest.raises(ValueError, match="'score', 'lru', 'lfu', 'mrs'"):
-    cache.admit(full_cache(), mask(8, [6]), mask(8, []), policy="fifo", max_loads=1)
+  with pytest.raises(ValueError, match="'score', 'lru', 'lfu', 'mrs', 'fifo'"):
+    cache.admit(full_cache(), mask(8, [6]), mask(8, []), policy="oldest", max_loads=1)
 
 
 # --------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def test_switching_a_component():
 @pytest.mark.parametrize(
   "changes,match",
   [
-    (dict(eviction="fifo"), "eviction must be one of"),
+    (dict(eviction="random"), "eviction must be one of"),
     (dict(substitution="random"), "substitution must be one of"),
     (dict(prefetch="oracle"), "prefetch must be one of"),
     (dict(cpu_compute="sometimes"), "cpu_compute must be one of"),

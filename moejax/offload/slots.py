@@ -1,9 +1,11 @@
-"""Device expert cache: per MoE layer, preallocated slot buffers `[S, ...]`.
+"""Device expert slots: preallocated buffers `[S, ...]` that hold routed experts on the device.
 
-The jitted expert computation reads weights from these buffers by slot index
+A set of slots serves one MoE layer, or (a shared pool) every MoE layer. The
+jitted expert computation reads weights from these buffers by slot index
 (`moejax.models.moe.routed_experts`). Which expert sits in which slot is
 scheduler state (`moejax.scheduling.CacheState`); this module owns only the
-buffers and the in-place copies that fill slots from the host store.
+buffers, the in-place copies that fill slots from the host store, and how many
+slots a budget buys.
 """
 
 from __future__ import annotations
@@ -46,12 +48,15 @@ write_slots = jax.jit(fill_slots, donate_argnums=0)
 
 
 def empty_slots(config: MoEConfig, num_slots: int, dtype, device=None) -> ExpertWeights:
-  """Zeroed slot buffers for one layer: gate/up `[S, D, F]`, down `[S, F, D]`."""
+  """Zeroed slot buffers: gate/up `[S, D, F]`, down `[S, F, D]`."""
   d, f = config.hidden_size, config.moe_intermediate_size
   with jax.default_device(device or jax.devices()[0]):
     return ExpertWeights(
         jnp.zeros((num_slots, d, f), dtype), jnp.zeros((num_slots, d, f), dtype), jnp.zeros((num_slots, f, d), dtype)
     )
+
+
+CACHE_SCOPES = ("layer", "global")
 
 
 def resolve_cache_slots(
@@ -61,19 +66,26 @@ def resolve_cache_slots(
     cache_bytes: int | None = None,
     cache_fraction: float | None = None,
     dtype_bytes: int = 4,
+    scope: str = "layer",
 ) -> int:
-  """Slots per MoE layer from exactly one of: a slot count, a total byte budget, a fraction of experts.
+  """Slots of one set from exactly one of: a slot count, a total byte budget, a fraction of experts.
 
-  A byte budget is shared evenly by the MoE layers; a fraction is of the
-  experts of one layer. None of them: every expert (no eviction).
+  scope "layer" (a set of slots per MoE layer): a byte budget is shared
+  evenly by the MoE layers, a fraction is of one layer's experts, and the
+  count is per layer. scope "global" (one pool for every MoE layer): the
+  budget, the fraction (of all routed experts) and the count are the pool's.
+  None of them: every expert (no eviction).
   """
+  if scope not in CACHE_SCOPES:
+    raise ValueError(f"cache_scope must be one of {CACHE_SCOPES}, got {scope!r}.")
   given = [x is not None for x in (cache_slots, cache_bytes, cache_fraction)]
   if sum(given) > 1:
     raise ValueError("Give at most one of cache_slots, cache_bytes, cache_fraction.")
-  e = config.num_experts
+  layers = len(config.moe_layer_ids) if scope == "global" else 1
+  e = config.num_experts * layers
   if cache_bytes is not None:
     per_expert = config.expert_param_count() * dtype_bytes
-    slots = int(cache_bytes // (per_expert * len(config.moe_layer_ids)))
+    slots = int(cache_bytes // (per_expert * (len(config.moe_layer_ids) // layers)))
   elif cache_fraction is not None:
     if not 0 < cache_fraction <= 1:
       raise ValueError(f"cache_fraction must be in (0, 1], got {cache_fraction}.")
