@@ -5,13 +5,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from moejax import validation
+
 
 def sample(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0, top_p: float = 1.0) -> jax.Array:
-  """logits `[B, V]` -> tokens `[B]` int32. temperature 0 is greedy."""
-  if temperature < 0:
-    raise ValueError(f"temperature must be >= 0, got {temperature}.")
-  if not 0 < top_p <= 1:
-    raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+  """logits `[B, V]` -> tokens `[B]` int32. temperature 0 is greedy; both options are static Python numbers."""
+  temperature, top_p = validation.sampling_options(temperature, top_p)
   if temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits.astype(jnp.float32) / temperature

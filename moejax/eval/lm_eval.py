@@ -15,7 +15,8 @@ substitution and the expert cache act on exactly the tokens they would act on
 while generating it; `loglikelihood_rolling` scores lm-eval's rolling windows
 the same way. With `policy_in_prefill=True` the policy also schedules the
 prefill. `generate_until` decodes greedily in batches and stops each batch once
-every row has produced a stop string, EOS or `max_gen_toks` tokens.
+every row has produced a stop string, EOS or `max_gen_toks` tokens; its
+gen_kwargs are `GEN_KWARGS` (others raise rather than being ignored).
 
 The engine's cache state carries over from request to request (as in a serving
 process); `reset_cache=True` empties it before every batch instead, making a
@@ -32,6 +33,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from moejax import validation
 from moejax.engine import Engine, costs
 from moejax.eval import scoring
 from moejax.eval.tokenizer import load_tokenizer, prefix_token_id
@@ -49,6 +51,9 @@ ADAPTER_OPTIONS = {
     # Passed by lm-eval to every model; JAX places arrays on its default device.
     "device": str, "max_batch_size": int,
 }
+# gen_kwargs `generate_until` understands. Decoding is greedy: sampling (do_sample, or a temperature > 0 without
+# do_sample: false) is refused; top_p / top_k only shape sampling, so greedy decoding ignores them (as transformers).
+GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k")
 
 
 def parse_option(name: str, value, kind: type):
@@ -99,15 +104,14 @@ class MoejaxLM(LM):
                max_gen_toks: int = 256, add_bos_token: bool = False, length_bucket: int = 32,
                reset_cache: bool = False):
     super().__init__()
-    if batch_size < 1:
-      raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     self.engine = engine
     self.tokenizer = tokenizer
-    self.batch_size = batch_size
-    self.max_length = max_length or engine.config.max_position_embeddings
-    self.max_gen_toks = max_gen_toks
+    self.batch_size = validation.count(batch_size, name="batch_size", minimum=1)
+    self.max_length = validation.count(max_length or engine.config.max_position_embeddings, name="max_length",
+                                       minimum=1)
+    self.max_gen_toks = validation.count(max_gen_toks, name="max_gen_toks")
     self.add_bos_token = add_bos_token
-    self.length_bucket = length_bucket
+    self.length_bucket = validation.count(length_bucket, name="length_bucket", minimum=1)
     self.reset_cache = reset_cache
     self.prefix_token = prefix_token_id(tokenizer)
     self.run_stats = engine.new_run_stats()
@@ -158,15 +162,16 @@ class MoejaxLM(LM):
     return [self.prefix_token] + ids if context and self.add_bos_token else ids
 
   def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context, continuation) tokens; the context's trailing spaces move to the continuation (as lm-eval's HF model)."""
+    """(context, continuation) tokens; the context's trailing spaces move to the continuation (as lm-eval's HF model).
+
+    A context without tokens (empty, or spaces only) is conditioned on the prefix token.
+    """
     spaces = len(context) - len(context.rstrip())
     if spaces:
       context, continuation = context[:-spaces], context[-spaces:] + continuation
-    if not context:
-      return [self.prefix_token], self._encode(continuation, context=False)
-    whole = self._encode(context + continuation, context=True)
     ctx = self._encode(context, context=True)
-    return ctx, whole[len(ctx):]
+    whole = self._encode(context + continuation, context=True)
+    return ctx or [self.prefix_token], whole[len(ctx):]
 
   def _score(self, pairs, desc: str) -> list[tuple[float, bool]]:
     with tqdm(total=len(pairs), desc=desc, disable=not pairs) as bar:
@@ -180,7 +185,7 @@ class MoejaxLM(LM):
 
   def loglikelihood(self, requests) -> list[tuple[float, bool]]:
     """(log p(continuation | context), greedy) per request, through the decode path."""
-    pairs = [self._encode_pair(*req.args) for req in requests]
+    pairs = [self._encode_pair(*_request_args(req, i, (str, str))) for i, req in enumerate(requests)]
     results = self._score(pairs, "moejax loglikelihood")
     for req, result in zip(requests, results):
       self.cache_hook.add_partial("loglikelihood", req.args, result)
@@ -190,8 +195,9 @@ class MoejaxLM(LM):
     """log p(text) per request, over lm-eval's rolling windows of max_length tokens."""
     pairs, owner = [], []
     for i, req in enumerate(requests):
-      windows = scoring.rolling_windows(self._encode(req.args[0], context=False), self.prefix_token,
-                                        self.max_length, context=1)
+      (text,) = _request_args(req, i, (str,))
+      windows = scoring.rolling_windows(self._encode(text, context=False), self.prefix_token, self.max_length,
+                                        context=1)
       pairs += windows
       owner += [i] * len(windows)
     totals = np.zeros(len(requests))
@@ -207,7 +213,7 @@ class MoejaxLM(LM):
     results: list[str | None] = [None] * len(requests)
     groups: dict[str, list[int]] = {}
     for i, req in enumerate(requests):
-      groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
+      groups.setdefault(repr(sorted(_request_args(req, i, (str, dict))[1].items())), []).append(i)
     with tqdm(total=len(requests), desc="moejax generate_until", disable=not requests) as bar:
       for indices in groups.values():
         until, max_new = self._generation_settings(requests[indices[0]].args[1])
@@ -222,14 +228,23 @@ class MoejaxLM(LM):
     return results
 
   def _generation_settings(self, kwargs: Mapping[str, Any]) -> tuple[list[str], int]:
-    """(stop strings, token budget) of a request's gen_kwargs; only greedy decoding is supported."""
-    if kwargs.get("do_sample"):
-      raise ValueError("moejax's generate_until decodes greedily; set do_sample: false in the task's gen_kwargs.")
+    """(stop strings, token budget) of a request's gen_kwargs (`GEN_KWARGS`); only greedy decoding is supported."""
+    unknown = sorted(set(kwargs) - set(GEN_KWARGS))
+    if unknown:
+      raise ValueError(f"gen_kwargs {unknown} are not supported by moejax's generate_until; known: {GEN_KWARGS}.")
+    temperature, _ = validation.sampling_options(kwargs.get("temperature", 0.0), 1.0)
+    do_sample = kwargs.get("do_sample")
+    if do_sample or (do_sample is None and temperature > 0):
+      raise ValueError(f"gen_kwargs ask for sampling (do_sample={do_sample}, temperature={temperature}); moejax's "
+                       "generate_until decodes greedily: set do_sample: false in the task's gen_kwargs.")
     until = kwargs.get("until") or []
-    until = [until] if isinstance(until, str) else list(until)
+    until = [until] if isinstance(until, str) else until
+    if not isinstance(until, (list, tuple)) or not all(isinstance(s, str) for s in until):
+      raise ValueError(f"gen_kwargs until={until!r}; give a stop string or a list of them.")
+    until = list(until)
     if self.tokenizer.eos_token is not None:
       until.append(self.tokenizer.eos_token)
-    max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
+    max_new = validation.count(kwargs.get("max_gen_toks", self.max_gen_toks), name="max_gen_toks")
     if max_new >= self.max_length:
       raise ValueError(f"max_gen_toks={max_new} leaves no room for a context within max_length={self.max_length}.")
     return until, max_new
@@ -240,18 +255,28 @@ class MoejaxLM(LM):
       self.engine.reset()
     contexts = [c[-(self.max_length - max_new):] for c in contexts]
     t = scoring.round_up(max(map(len, contexts)), self.length_bucket)
-    ids, mask = scoring.pad_rows(contexts, t, self.batch_size, left=True)
-    rows = len(contexts)
+    ids, mask = scoring.pad_rows(contexts, t, left=True)
 
     def done(tokens: np.ndarray) -> bool:
-      return all(any(s in self.tokenizer.decode(row) for s in until) for row in tokens[:rows])
+      return all(any(s in self.tokenizer.decode(row) for s in until) for row in tokens)
 
     out = self.engine.generate(ids, max_new, mask, stop=done, run_stats=self.run_stats,
                                cache_length=scoring.round_up(t + max_new, self.length_bucket))
     texts = []
-    for row in out.tokens[:rows, t:]:
+    for row in out.tokens[:, t:]:
       text = self.tokenizer.decode(row, skip_special_tokens=False)
       for s in until:
         text = text.split(s)[0]
       texts.append(text)
     return texts
+
+
+def _request_args(request, index: int, kinds: tuple[type, ...]) -> tuple:
+  """An lm-eval request's `args`, checked against the types its request kind carries."""
+  args = request.args
+  if not isinstance(args, tuple) or len(args) != len(kinds) or not all(map(isinstance, args, kinds)):
+    got = tuple(type(a).__name__ for a in args) if isinstance(args, tuple) else type(args).__name__
+    want = tuple(k.__name__ for k in kinds)
+    raise ValueError(f"requests[{index}].args must be of types {want}, got {got}; check the task's doc_to_text, "
+                     "doc_to_target and gen_kwargs.")
+  return args

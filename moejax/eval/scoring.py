@@ -10,9 +10,10 @@ Two paths:
 
 Pairs are sorted by length and batched; contexts are left padded and
 continuations right padded (padded positions are ignored). Prompt and KV
-cache lengths are padded up to multiples of `length_bucket` and every batch
-to `batch_size` rows, so that the engine's jitted stages see few distinct
-shapes (each new shape compiles them again).
+cache lengths are padded up to multiples of `length_bucket`, so that the
+engine's jitted stages see few distinct shapes (each new shape compiles them
+again). Batches hold `batch_size` pairs, the last one possibly fewer: the
+engine refuses rows that are all padding.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Sequence
 import numpy as np
 from lm_eval import utils as lm_eval_utils
 
+from moejax import validation
 from moejax.engine import Engine
 from moejax.engine.stats import RunStats
 
@@ -61,10 +63,10 @@ def rolling_windows(tokens: Sequence[int], prefix_token: int, window: int, conte
           for w in lm_eval_utils.get_rolling_token_windows(list(tokens), prefix_token, window, context)]
 
 
-def pad_rows(seqs: Sequence[Sequence[int]], length: int, rows: int, *, left: bool) -> tuple[np.ndarray, np.ndarray]:
-  """Token lists -> (ids `[rows, length]` int32, mask `[rows, length]` bool); extra rows are all padding."""
-  ids = np.zeros((rows, length), np.int32)
-  mask = np.zeros((rows, length), bool)
+def pad_rows(seqs: Sequence[Sequence[int]], length: int, *, left: bool) -> tuple[np.ndarray, np.ndarray]:
+  """B token lists -> (ids `[B, length]` int32, mask `[B, length]` bool), padded on the left or the right."""
+  ids = np.zeros((len(seqs), length), np.int32)
+  mask = np.zeros((len(seqs), length), bool)
   for i, seq in enumerate(seqs):
     span = slice(length - len(seq), length) if left else slice(0, len(seq))
     ids[i, span], mask[i, span] = seq, True
@@ -93,12 +95,12 @@ def score_pairs(
 
   Args:
     engine: the `Engine` (its policy, alpha and cache state apply).
-    pairs: (context tokens, continuation tokens); contexts must not be empty
-      (condition on a BOS/EOS token instead).
-    max_length: longest input the model may see (contexts are truncated).
-    batch_size: rows per engine call.
+    pairs: (context tokens, continuation tokens), ids in the model's
+      vocabulary; contexts must not be empty (condition on a BOS/EOS token).
+    max_length: longest input the model may see (contexts are truncated), >= 1.
+    batch_size: pairs per engine call, >= 1.
     mode: "decode" or "prefill" (see the module docstring).
-    length_bucket: pad lengths up to multiples of this.
+    length_bucket: pad lengths up to multiples of this (>= 1).
     reset_cache: empty the engine's expert cache before every batch.
     run_stats: a `RunStats` to accumulate the engine's statistics into.
     progress: optional object with `update(n)` (a tqdm bar), told per batch.
@@ -109,8 +111,10 @@ def score_pairs(
   """
   if mode not in SCORING_MODES:
     raise ValueError(f"mode={mode!r}; use one of {SCORING_MODES}.")
-  if any(not ctx for ctx, _ in pairs):
-    raise ValueError("Every context needs at least one token; condition on BOS/EOS instead of an empty context.")
+  max_length = validation.count(max_length, name="max_length", minimum=1)
+  batch_size = validation.count(batch_size, name="batch_size", minimum=1)
+  length_bucket = validation.count(length_bucket, name="length_bucket", minimum=1)
+  pairs = validation.token_pairs(pairs, vocab_size=engine.config.vocab_size)
   pairs = [truncate(ctx, cont, max_length) if cont else (ctx, cont) for ctx, cont in pairs]
   results: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
   todo = [i for i, (_, cont) in enumerate(pairs) if cont]
@@ -124,18 +128,18 @@ def score_pairs(
       engine.reset()
     if mode == "decode":
       t = round_up(max(len(c) for c in ctxs), length_bucket)
-      ids, mask = pad_rows(ctxs, t, batch_size, left=True)
-      forced, forced_mask = pad_rows(conts, n, batch_size, left=False)
+      ids, mask = pad_rows(ctxs, t, left=True)
+      forced, forced_mask = pad_rows(conts, n, left=False)
       out = engine.generate(ids, n, mask, forced_tokens=forced, forced_mask=forced_mask, run_stats=run_stats,
                             cache_length=round_up(t + n, length_bucket))
       logp, greedy, keep = out.logprobs, out.greedy, forced_mask
     else:
       seqs = [list(ctx) + list(cont) for ctx, cont in zip(ctxs, conts)]
-      ids, mask = pad_rows(seqs, round_up(max(map(len, seqs)), length_bucket), batch_size, left=True)
+      ids, mask = pad_rows(seqs, round_up(max(map(len, seqs)), length_bucket), left=True)
       logp, greedy = engine.score(ids, mask, run_stats=run_stats)
       # Right-align each continuation's scores at the end of its row: [B, n].
       logp, greedy = logp[:, -n:], greedy[:, -n:]
-      _, keep = pad_rows(conts, n, batch_size, left=True)
+      _, keep = pad_rows(conts, n, left=True)
     for r, i in enumerate(rows):
       results[i] = (float(logp[r][keep[r]].sum()), bool(greedy[r][keep[r]].all()))
     if progress is not None:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moejax import validation
 from moejax.models import decoder as decoder_lib
 from moejax.models.config import MoEConfig
 from moejax.models.moe import ExpertWeights
@@ -35,19 +36,6 @@ def left_pad(ids: np.ndarray, mask: np.ndarray, length: int) -> tuple[np.ndarray
   """Left-pads `[B, T]` ids and mask to `[B, length]` (padding is masked out, so results are unchanged)."""
   pad = length - ids.shape[1]
   return np.pad(ids, ((0, 0), (pad, 0))), np.pad(mask, ((0, 0), (pad, 0)))
-
-
-def _as_batch(input_ids, attention_mask) -> tuple[jax.Array, jax.Array]:
-  ids = jnp.asarray(input_ids, jnp.int32)
-  if ids.ndim != 2:
-    raise ValueError(f"input_ids must be [batch, tokens], got shape {ids.shape}.")
-  if attention_mask is None:
-    mask = jnp.ones(ids.shape, bool)
-  else:
-    mask = jnp.asarray(attention_mask).astype(bool)
-    if mask.shape != ids.shape:
-      raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids {ids.shape}.")
-  return ids, mask
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(6,))
@@ -105,8 +93,15 @@ class Model:
     return self.decoder.init_caches(batch, max_len)
 
   def forward(self, input_ids, attention_mask=None) -> jax.Array:
-    """Causal forward: input_ids `[B, T]` (left padded if masked) -> logits `[B, T, V]`."""
-    ids, mask = _as_batch(input_ids, attention_mask)
+    """Causal forward: input_ids `[B, T]` -> logits `[B, T, V]`.
+
+    attention_mask `[B, T]` is 1 for real tokens (default: all); a row's real
+    tokens are one contiguous run, left or right padded (`moejax.validation`).
+    Logits at padding positions are meaningless.
+    """
+    ids, mask = validation.prompt_batch(input_ids, attention_mask, vocab_size=self.config.vocab_size,
+                                        right_padding=True)
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
     caches = self.init_caches(ids.shape[0], ids.shape[1])
     logits, _ = _forward_jit(
         self.graphdef, self.state, self.experts_on_device(), ids, prompt_positions(mask), mask, caches, 0
@@ -118,15 +113,18 @@ class Model:
 
     Args:
       input_ids: `[B, T]` prompts, left padded where `attention_mask` is 0.
-      max_new_tokens: N tokens to generate (no early stop at EOS).
+      max_new_tokens: N >= 0 tokens to generate (no early stop at EOS).
+      attention_mask: `[B, T]` 1 for real tokens (default: all); every row
+        needs one, and each row's real tokens end the row.
 
     Returns:
       tokens `[B, T + N]` int32 (prompt followed by the generated tokens).
     """
-    ids, mask = _as_batch(input_ids, attention_mask)
+    ids, mask = validation.prompt_batch(input_ids, attention_mask, vocab_size=self.config.vocab_size)
+    max_new_tokens = validation.count(max_new_tokens, name="max_new_tokens")
     t_in = ids.shape[1]
     # Bucketed prompt and cache lengths: one compilation serves many request sizes.
-    ids, mask = (jnp.asarray(a) for a in left_pad(np.asarray(ids), np.asarray(mask), bucket(t_in)))
+    ids, mask = (jnp.asarray(a) for a in left_pad(ids, mask, bucket(t_in)))
     b, t = ids.shape
     experts = self.experts_on_device()
     caches = self.init_caches(b, bucket(t + max_new_tokens))

@@ -24,7 +24,7 @@ def forward_logprobs(model, tokens, length: int = 32):
 
   Left-pads to `length` (masked), so that every direct computation shares one compilation.
   """
-  ids, mask = scoring.pad_rows([tokens], length, 1, left=True)
+  ids, mask = scoring.pad_rows([tokens], length, left=True)
   logits = np.asarray(model.forward(ids, mask))[0, length - len(tokens):]
   logp = np.asarray(jax.nn.log_softmax(logits, -1))
   return logp[np.arange(len(tokens) - 1), tokens[1:]], logits.argmax(-1)[:-1] == np.asarray(tokens[1:])
@@ -78,7 +78,7 @@ def test_loglikelihood_rolling_matches_forward(lm, resident_model, tokenizer):
 def test_generate_until_matches_model_generate(lm, resident_model, tokenizer):
   prompts = CONTEXTS[:2] + ["The sun"]
   contexts = [tokenizer.encode(p)[-(lm.max_length - 6):] for p in prompts]  # what fits beside 6 new tokens
-  ids, mask = scoring.pad_rows(contexts, lm.max_length, len(prompts), left=True)
+  ids, mask = scoring.pad_rows(contexts, lm.max_length, left=True)
   ref = [tokenizer.decode(row) for row in resident_model.generate(ids, 6, mask)[:, lm.max_length:]]
   out = lm.generate_until(requests("generate_until", [(p, {"until": ["\x00never"], "max_gen_toks": 6}) for p in prompts]))
   assert out == ref
