@@ -13,6 +13,15 @@ file (matched by their parameters) and never repeats one. A line that is not a
 complete row (the last line, cut short by a crash) is moved to
 `<file>.corrupt`, never dropped, and its point runs again. Rows from a
 different setup make it refuse to continue.
+
+`sweep_config` adds how points run: `backend="local"` evaluates them one
+after another in this process; `backend="ray"` fans them out over a Ray
+cluster (`moejax.eval.distributed`), which the same file resumes across: a
+sweep started locally may be finished on a cluster. There a point that fails
+on every try is recorded as a row with `"error"` (`{"type", "message",
+"traceback", "attempts"}`) in place of `"result"`: readers skip such rows,
+and a restarted sweep runs the point again (a success appends its row; the
+failure row stays as the record of what happened).
 """
 
 from __future__ import annotations
@@ -45,7 +54,10 @@ from moejax.scheduling.similarity import load_similarity
 from moejax.sim import PROFILES, get_profile
 
 # Config fields that enumerate points rather than describe the setup.
-GRID_FIELDS = ("out", "policies", "alphas", "alpha")
+GRID_FIELDS = ("policies", "alphas", "alpha")
+# Config fields that say where rows go and where points run: a sweep resumes under other values.
+RUN_FIELDS = ("out", "backend", "ray")
+BACKENDS = ("local", "ray")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -90,10 +102,23 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def sweep_config() -> ml_collections.ConfigDict:
+  """A setup (`base_config`) plus how its points run: `backend` and its `ray` options."""
+  c = base_config()
+  c.backend = "local"  # "local": this process, point after point; "ray": points fan out over a Ray cluster
+  c.ray = ml_collections.ConfigDict({
+      "address": "",  # "": start a local Ray instance; "auto": the cluster `ray start` joined; or "HOST:PORT"
+      "num_cpus_per_point": 1.0,  # resources each worker (one point at a time) holds
+      "num_gpus_per_point": 0.0,
+      "max_retries": 2,  # tries after the first before a point is recorded as failed
+  })
+  return c
+
+
 def setup_of(cfg: Mapping[str, Any]) -> dict[str, Any]:
-  """The part of a config that must match for rows to be resumed (everything but the grid and output)."""
+  """The part of a config that must match for rows to be resumed (everything but the grid, output and backend)."""
   cfg = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
-  return json.loads(json.dumps({k: v for k, v in cfg.items() if k not in GRID_FIELDS}))
+  return json.loads(json.dumps({k: v for k, v in cfg.items() if k not in GRID_FIELDS + RUN_FIELDS}))
 
 
 def check_config(cfg) -> None:
@@ -120,6 +145,11 @@ def check_config(cfg) -> None:
       return
     if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low):
       raise fail(field, f"use an integer >= {low}" + (" (or leave it unset)." if optional else "."))
+
+  def number(field: str, low: float) -> None:
+    value = _field(cfg, field)
+    if not (_is_real(value) and value >= low):
+      raise fail(field, f"use a number >= {low}.")
 
   def existing_file(field: str, optional: bool = True) -> None:
     path = _field(cfg, field)
@@ -171,6 +201,13 @@ def check_config(cfg) -> None:
                  f"{cfg.accuracy.perplexity_window}.")
     if cfg.accuracy.perplexity_mode not in SCORING_MODES:
       raise fail("accuracy.perplexity_mode", f"use one of {SCORING_MODES}.")
+
+  if "backend" in cfg:
+    if cfg.backend not in BACKENDS:
+      raise fail("backend", f"use one of {BACKENDS}.")
+    number("ray.num_cpus_per_point", 0)
+    number("ray.num_gpus_per_point", 0)
+    count("ray.max_retries", 0)
 
 
 def _field(cfg, dotted: str) -> Any:
@@ -252,7 +289,7 @@ def _parse_row(line: bytes) -> dict[str, Any] | None:
     row = json.loads(line)
   except ValueError:  # not JSON, or not UTF-8
     return None
-  if isinstance(row, dict) and {"point", "setup", "result"} <= row.keys():
+  if isinstance(row, dict) and {"point", "setup"} <= row.keys() and ("result" in row or "error" in row):
     return row
   return None
 
@@ -277,6 +314,10 @@ class ResultsFile:
   Args:
     path: the file (created with its folder if missing).
     setup: JSON-able description every row must share.
+
+  Attributes:
+    rows: the rows with a result, in file order.
+    failures: the failure rows of points that have no result yet.
   """
 
   def __init__(self, path: str | os.PathLike, setup: Mapping[str, Any]):
@@ -284,6 +325,7 @@ class ResultsFile:
     self.corrupt_path = self.path + ".corrupt"
     self.setup = json.loads(json.dumps(setup))
     self.rows: list[dict[str, Any]] = []
+    self.failures: list[dict[str, Any]] = []
     if os.path.exists(self.path):
       self._load()
 
@@ -296,7 +338,8 @@ class ResultsFile:
     bad = [line for line, row in lines if row is None]
     if bad or (data and not data.endswith(b"\n")):
       self._set_aside(bad, [line for line, row in lines if row is not None])
-    self.rows = [row for _, row in lines if row is not None]
+    self.rows = [row for _, row in lines if row is not None and "result" in row]
+    self.failures = [row for _, row in lines if row is not None and "error" in row and not self.done(row["point"])]
 
   def _set_aside(self, bad: Sequence[bytes], good: Sequence[bytes]) -> None:
     """Appends `bad` lines to the .corrupt file, then atomically rewrites the file as the `good` lines."""
@@ -314,11 +357,21 @@ class ResultsFile:
 
   def append(self, point: Mapping[str, Any], result: Mapping[str, Any]) -> dict[str, Any]:
     """Writes one finished point durably (flush + fsync) and returns its row."""
-    row = {"point": dict(point), "setup": self.setup, "result": result,
-           "finished_at": datetime.datetime.now().isoformat(timespec="seconds")}
+    row = self._write({"point": dict(point), "setup": self.setup, "result": result})
+    self.rows.append(row)
+    self.failures = [f for f in self.failures if point_key(f["point"]) != point_key(point)]
+    return row
+
+  def append_failure(self, point: Mapping[str, Any], error: Mapping[str, Any]) -> dict[str, Any]:
+    """Writes the failure row of a point that failed every try (`error`: type, message, ...) and returns it."""
+    row = self._write({"point": dict(point), "setup": self.setup, "error": dict(error)})
+    self.failures.append(row)
+    return row
+
+  def _write(self, row: dict[str, Any]) -> dict[str, Any]:
+    row["finished_at"] = datetime.datetime.now().isoformat(timespec="seconds")
     os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
     _write_durably(self.path, (json.dumps(row) + "\n").encode("utf-8"), "ab")
-    self.rows.append(row)
     return row
 
 
@@ -334,20 +387,30 @@ def run_points(path: str | os.PathLike, setup: Mapping[str, Any], points: Sequen
   return results.rows
 
 
-def sweep(cfg, points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-  """Runs `evaluate_point` on each unfinished point into `cfg.out`, loading the model once (if any point is left).
+def sweep(cfg, points: Sequence[Mapping[str, Any]], evaluate: Callable[..., Mapping[str, Any]] | None = None
+          ) -> list[dict[str, Any]]:
+  """Runs each unfinished point into `cfg.out` on `cfg.backend`; returns the rows with a result.
 
-  The config is checked first (`check_config`), before anything is loaded.
+  Args:
+    cfg: a `sweep_config()`; checked (`check_config`) before anything is loaded.
+    points: `{"policy", "alpha"}` dicts.
+    evaluate: `(model, tokenizer, cfg, point) -> result` (default `evaluate_point`). The local backend
+      loads the model once, if any point is left; on Ray each worker loads it once and it must pickle.
   """
   check_config(cfg)
+  evaluate = evaluate_point if evaluate is None else evaluate
+  if cfg.backend == "ray":
+    from moejax.eval import distributed  # Ray is an optional extra
+
+    return distributed.run_points(cfg, points, evaluate)
   loaded = functools.cache(lambda: load_setup(cfg))
-  return run_points(cfg.out, setup_of(cfg), points, lambda point: evaluate_point(*loaded(), cfg, point))
+  return run_points(cfg.out, setup_of(cfg), points, lambda point: evaluate(*loaded(), cfg, point))
 
 
 def load_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """The complete rows of a sweep file (lines that are not complete rows, e.g. an unfinished last line, are skipped)."""
+  """The rows with a result of a sweep file (failure rows and lines that are not complete rows are skipped)."""
   _, lines = _read_lines(os.fspath(path))
-  return [row for _, row in lines if row is not None]
+  return [row for _, row in lines if row is not None and "result" in row]
 
 
 def tpot_of(row: Mapping[str, Any], source: str = "measured") -> float:

@@ -12,7 +12,7 @@ POINTS = [{"policy": "smoe", "alpha": a} for a in (0.0, 0.1, 0.2)]
 
 
 def tiny_config(eval_path, out):
-  cfg = sweep.base_config()
+  cfg = sweep.sweep_config()
   cfg.model = str(eval_path)
   cfg.engine.cache_slots = 3
   # Shapes as in the other eval tests (batch 4, 16 prompt tokens, 32 cache rows): nothing compiles twice.
@@ -89,6 +89,22 @@ def test_lines_that_are_not_rows_are_set_aside_never_dropped(tmp_path):
   assert calls == [POINTS[1]]
   sweep.ResultsFile(path, {})  # a clean file: nothing more is set aside
   assert (tmp_path / "r.jsonl.corrupt").read_text().count("\n") == 2
+
+
+def test_failure_rows_are_skipped_by_readers_and_retried_on_resume(tmp_path):
+  path = tmp_path / "r.jsonl"
+  results = sweep.ResultsFile(path, {})
+  results.append(POINTS[0], {"x": 1})
+  results.append_failure(POINTS[1], {"type": "RuntimeError", "message": "boom", "attempts": 3})
+  assert [r["point"] for r in sweep.load_rows(path)] == [POINTS[0]]
+  resumed = sweep.ResultsFile(path, {})
+  assert [f["point"] for f in resumed.failures] == [POINTS[1]] and resumed.failures[0]["error"]["message"] == "boom"
+  calls = []
+  rows = sweep.run_points(path, {}, POINTS, lambda p: calls.append(p) or {"x": 2})
+  assert calls == POINTS[1:]
+  assert [r["point"] for r in rows] == [r["point"] for r in sweep.load_rows(path)] == [POINTS[0], *POINTS[1:]]
+  assert len(path.read_text().splitlines()) == 4  # the failure row stays as the record of what happened
+  assert sweep.ResultsFile(path, {}).failures == []
 
 
 def test_run_points_skips_finished_points(tmp_path):

@@ -35,6 +35,9 @@ BAD = [
   (SWEEP, "--config.accuracy.perplexity_max_tokens=-8", "--config.accuracy.perplexity_max_tokens", ">= 1"),
   (SWEEP, "--config.accuracy.perplexity_context=256", "--config.accuracy.perplexity_context", "fewer tokens"),
   (SWEEP, "--config.accuracy.perplexity_mode=greedy", "--config.accuracy.perplexity_mode", "use one of"),
+  (SWEEP, "--config.backend=spark", "--config.backend", "use one of ('local', 'ray')"),
+  (ABLATION, "--config.ray.max_retries=-1", "--config.ray.max_retries", "integer >= 0"),
+  (ABLATION, "--config.ray.num_gpus_per_point=-1", "--config.ray.num_gpus_per_point", "number >= 0"),
 ]
 
 
