@@ -22,6 +22,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/decode.py", l
 def main(argv):
   del argv
   cfg = _CONFIG.value
+  sweep.check_config(cfg)
   model, tokenizer = sweep.load_setup(cfg)
   engine = Engine(model, policy=cfg.policy, alpha=cfg.alpha, **sweep.engine_options(cfg.engine))
   result = sweep.measure_speed(engine, tokenizer, cfg.speed)

@@ -4,6 +4,7 @@
 
 Appends one JSONL row per (policy, alpha) point to --config.out as each
 finishes; rerunning resumes where it stopped and never repeats a finished point.
+With --config.backend=ray the points run on a Ray cluster (moejax.eval.distributed).
 """
 
 from absl import app

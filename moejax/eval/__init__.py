@@ -7,7 +7,8 @@ Modules:
   tasks: offline lm-eval tasks (YAML + data) and their `TaskManager`.
   tokenizer: loading the model's tokenizer.
   speed: decode speed of one setup, measured and estimated on edge hardware profiles.
-  sweep: resumable JSONL sweeps over (policy, alpha) points; the setup config schema.
+  sweep: resumable JSONL sweeps over (policy, alpha) points; the setup config schema and its checks.
+  distributed: sweep points fanned out over a Ray cluster (the optional extra [distributed]).
   alpha: fitting TPOT(alpha) and choosing alpha under a latency budget.
   calibration: similarity matrices `[L, E, E]` of a loaded model.
   plots: figures from sweep files.
