@@ -34,8 +34,6 @@ B, T, N = 2, 6, 3  # the fixed batch of the fuzzed calls: rows, prompt tokens, n
 ADAPTER = {"batch_size": 1, "max_length": 16, "length_bucket": 16}  # one batch shape: one compilation
 SETTINGS = hypothesis.settings(max_examples=40, deadline=None,
                                suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
-ENGINE_WIRING = pytest.mark.xfail(strict=True, reason="Engine wiring pending: Engine.generate/score do not call "
-                                                      "moejax.validation yet")
 
 
 @pytest.fixture(scope="module")
@@ -239,19 +237,16 @@ def test_model_forward_accepts_right_padding(model):
 # ----------------------------------------------------------------------------
 
 
-@ENGINE_WIRING
 def test_engine_refuses_ids_outside_the_vocabulary(engine):
   with pytest.raises(ValueError, match=r"input_ids.*vocabulary \[0, 320\)"):
     engine.generate(np.array([[1, 99999]]), 2)
 
 
-@ENGINE_WIRING
 def test_engine_refuses_an_empty_prompt(engine):
   with pytest.raises(ValueError, match="input_ids has shape"):
     engine.generate(np.zeros((1, 0), np.int64), 2)
 
 
-@ENGINE_WIRING
 @SETTINGS
 @hypothesis.given(data=st.data())
 def test_engine_generate(engine, data):
@@ -276,7 +271,6 @@ def test_engine_generate(engine, data):
                                 top_p=top_p), broken, expect)
 
 
-@ENGINE_WIRING
 @SETTINGS
 @hypothesis.given(prompt=prompts(right_padding=True))
 def test_engine_score(engine, prompt):

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moejax import validation
 from moejax.engine import costs as costs_lib
 from moejax.engine import sampling, setup
 from moejax.engine.state import DecodeState, Residency, StepConfig, StepConstants, StepInput
@@ -327,12 +328,10 @@ class Engine:
   # Public API
   # --------------------------------------------------------------------------
 
-  def _prompt(self, input_ids, attention_mask) -> StepInput:
-    """The prefill `StepInput` of a left-padded batch, on the host."""
-    ids = np.asarray(input_ids, np.int32)
-    if ids.ndim != 2:
-      raise ValueError(f"input_ids must be [batch, tokens], got shape {ids.shape}.")
-    valid = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+  def _prompt(self, input_ids, attention_mask, right_padding: bool = False) -> StepInput:
+    """The prefill `StepInput` of a padded batch, checked (`moejax.validation.prompt_batch`), on the host."""
+    ids, valid = validation.prompt_batch(input_ids, attention_mask, vocab_size=self.config.vocab_size,
+                                         right_padding=right_padding)
     positions = np.maximum(np.cumsum(valid, axis=1, dtype=np.int32) - 1, 0)  # as `models.model.prompt_positions`
     return StepInput(ids, positions, valid, np.int32(0))
 
@@ -349,7 +348,7 @@ class Engine:
        greedy `[B, T-1]` bool, whether that token was the argmax). Positions
       whose target is padding are meaningless.
     """
-    batch = self._prompt(input_ids, attention_mask)
+    batch = self._prompt(input_ids, attention_mask, right_padding=True)
     self._maybe_calibrate_static(batch)
     self._calibrate_once(self.options.policy_in_prefill)
     run = self.new_run_stats() if run_stats is None else run_stats
@@ -400,15 +399,12 @@ class Engine:
     """
     batch = self._prompt(input_ids, attention_mask)
     b, t = batch.ids.shape
-    if forced_tokens is not None:
-      forced_tokens = np.asarray(forced_tokens, np.int32)
-      if forced_tokens.shape != (b, max_new_tokens):
-        raise ValueError(f"forced_tokens must be [{b}, {max_new_tokens}], got {forced_tokens.shape}.")
+    max_new_tokens, temperature, top_p = validation.generation_options(max_new_tokens, temperature, top_p)
+    forced_tokens, forced_mask = validation.forced_batch(forced_tokens, forced_mask, batch=b,
+                                                         max_new_tokens=max_new_tokens,
+                                                         vocab_size=self.config.vocab_size)
     feed = np.ones((b, max_new_tokens), bool)
     if forced_mask is not None:
-      forced_mask = np.asarray(forced_mask).astype(bool)
-      if forced_tokens is None or forced_mask.shape != forced_tokens.shape:
-        raise ValueError("forced_mask needs forced_tokens of the same shape [B, N].")
       feed[:, :-1] = forced_mask[:, 1:]
     if cache_length is not None and cache_length < t + max_new_tokens:
       raise ValueError(f"cache_length={cache_length} is below prompt + new tokens = {t + max_new_tokens}.")

@@ -35,7 +35,6 @@ from moejax.engine.schedule import Knobs, LayerDecision, LayerPlan, prefetch_lay
 from moejax.engine.state import DecodeState, Residency, SlotPool, StepConfig, StepConstants, StepInput
 from moejax.engine.stats import LayerCounters
 from moejax.models import moe
-from moejax.models.config import MoEConfig
 from moejax.models.layers import attention_inputs
 from moejax.offload.cpu import host_experts
 from moejax.offload.slots import fill_slots
@@ -100,17 +99,22 @@ def warm(policy: str, group: int, table, scores, valid, selected, weights, strea
   return cache.observe(table, scores, used, valid, group=group), fill_slots(weights, streamed, adm.experts, adm.slots)
 
 
-def experts(act: str, layer, h, x, weights, slots, mix, extra):
-  """Routed experts read from slot weights + shared experts + residual.
+def experts(act: str, layer, h, x, weights, slots, late, mix, extra):
+  """Routed experts read from slot weights + shared experts + residual; h `[B, T, D]`, x `[N, D]`.
 
-  Returns (provisional, h): the provisional output counts only the device
-  experts; h adds `extra` `[N, D]` float32 (the CPU experts; None: nothing).
+  Returns (provisional, h): the provisional output holds the shared experts
+  and the device pairs not marked `late` `[N, k]` (the demand-loaded ones;
+  None: no pair is late); h adds the late pairs and `extra` `[N, D]` float32
+  (the CPU experts; None: nothing).
   """
-  routed = moe.routed_experts(x, weights, slots, mix, act)
+  routed = moe.routed_experts(x, weights, slots if late is None else jnp.where(late, -1, slots), mix, act)
   prov = layer.finish_moe(h, x, routed)
-  if extra is None:
+  rest = [] if late is None else [moe.routed_experts(x, weights, jnp.where(late, slots, -1), mix, act)]
+  rest += [] if extra is None else [extra]
+  if not rest:
     return prov, prov
-  return prov, layer.finish_moe(h, x, (routed.astype(jnp.float32) + extra).astype(x.dtype))
+  return prov, layer.finish_moe(h, x, sum((r.astype(jnp.float32) for r in rest), routed.astype(jnp.float32))
+                                .astype(x.dtype))
 
 
 def cpu_experts(act: str, x, store, d: LayerDecision):
@@ -240,14 +244,16 @@ class StagedOps:
 class _Previous(NamedTuple):
   """The MoE layer before the current one, as the current layer's predictor sees it.
 
-  prov: its provisional output `[B, T, D]`; x: its MoE input `[N, D]`;
-  has_cpu: whether it ran pairs on the CPU (None: it could not);
-  dense_between: dense layers separate it from the current one.
+  prov: its provisional output `[B, T, D]` (shared experts and the experts
+  resident before its plan: no demand loads, no CPU pairs); x: its MoE input
+  `[N, D]`; missed: whether it had demand loads or CPU pairs (None: it could
+  not), i.e. whether `prov` differs from its output; dense_between: dense
+  layers separate it from the current one.
   """
 
   prov: jax.Array
   x: jax.Array
-  has_cpu: jax.Array | None
+  missed: jax.Array | None
   dense_between: bool
 
 
@@ -269,25 +275,89 @@ def _prefetches(cfg: StepConfig, l: int) -> bool:
           and moe_ids.index(l) > 0)
 
 
-def _zeros_like_scores(config: MoEConfig, x) -> jax.Array:
-  return jnp.zeros((x.shape[0], config.num_experts), jnp.float32)
+def _feeds_provisional(cfg: StepConfig, l: int) -> bool:
+  """Whether the MoE layer after MoE layer l predicts from l's provisional output."""
+  moe_ids = cfg.config.moe_layer_ids
+  i = moe_ids.index(l)
+  return cfg.spec.prefetch == "provisional" and i + 1 < len(moe_ids) and _prefetches(cfg, moe_ids[i + 1])
 
 
-def _predicted_scores(ops: StepOps, cfg: StepConfig, l: int, prev: _Previous, h_prev_attention, scores, kv):
-  """The predicted router scores `[N, E]` of MoE layer l, for its prefetch.
+def _prediction(ops: StepOps, cfg: StepConfig, l: int, prev: _Previous, scores, inputs, kv) -> jax.Array:
+  """The predicted router scores `[N, E]` of MoE layer l, from what the previous MoE layer had, for the prefetch.
 
-  "provisional": layer l's attention and gate on the previous MoE layer's
-  provisional output. Without CPU pairs or dense layers in between, that
-  output is exactly layer l's input, so its real scores serve.
+  "provisional" (SPEC section 5): layer l's attention (with its KV cache) and
+  gate on the previous MoE layer's provisional output. When that layer had no
+  demand loads and no CPU pairs, its provisional output is its output, so the
+  prediction equals layer l's own scores, which serve unchanged (dense layers
+  in between are skipped by the predictor). "gate": layer l's gate on the
+  previous layer's MoE input. "activation": no score prediction (counts).
   """
-  config = cfg.config
-  if cfg.spec.prefetch == "provisional":
-    if not prev.dense_between and prev.has_cpu is None:
-      return scores
-    return h_prev_attention
-  if cfg.spec.prefetch == "gate":
-    return ops.run("prefetch", l, gate_scores, ops.layer(l), prev.x)
-  return _zeros_like_scores(config, prev.x)  # activation counts: no score prediction
+  kind = cfg.spec.prefetch
+  layer = ops.layer(l)
+  if kind == "gate":
+    return ops.run("prefetch", l, gate_scores, layer, prev.x)
+  if kind == "activation":
+    return jnp.zeros(scores.shape, jnp.float32)
+  if prev.dense_between:
+    return ops.run("prefetch", l, peek_scores, layer, prev.prov, inputs, kv)
+  if prev.missed is None:
+    return scores
+  return ops.cond(prev.missed, "prefetch", l, peek_scores, lambda *_: scores, layer, prev.prov, inputs, kv)
+
+
+class _LayerOut(NamedTuple):
+  """One MoE layer's results in `forward`: decision, the weights its device pairs read, the CPU experts' output
+  `[N, D]` float32 (None: it could have none), whether it missed (None: it could not)."""
+
+  decision: LayerDecision
+  weights: moe.ExpertWeights
+  extra: jax.Array | None
+  missed: jax.Array | None
+
+
+def _exact_layer(ops: StepOps, cfg: StepConfig, l: int, pools: list, scores, store, valid) -> _LayerOut:
+  """An MoE layer with every expert on the device: resident, or streamed in (then it may warm its slots)."""
+  place = cfg.placements[l]
+  resident = place.residency == Residency.RESIDENT
+  residency = Residency.RESIDENT if resident else Residency.STREAMED
+  d = ops.run("plan", l, functools.partial(schedule_exact, cfg.config, residency), ops.layer(l), scores, valid)
+  weights = store if resident else ops.run("copy", l, stream, store)
+  if cfg.warm and place.residency == Residency.CACHED:
+    pool = pools[place.pool]
+    table, slots = ops.run("copy", l, functools.partial(warm, cfg.spec.eviction or "score", place.group),
+                           pool.table, scores, valid, d.experts, pool.weights, weights, donate=(4,))
+    pools[place.pool] = SlotPool(table, slots)
+  return _LayerOut(d, weights, None, None)
+
+
+def _scheduled_layer(ops: StepOps, cfg: StepConfig, consts: StepConstants, l: int, pools: list,
+                     routed: tuple[jax.Array, jax.Array, jax.Array | None], valid) -> _LayerOut:
+  """An MoE layer under the policy: prefetch (predicted scores `pred` `[N, E]`, or None), plan, copies, CPU
+  experts. routed: (x `[N, D]`, scores `[N, E]`, pred)."""
+  config, spec, place = cfg.config, cfg.spec, cfg.placements[l]
+  x, scores, pred = routed
+  store = consts.experts[l]
+  plan = LayerPlan(config, spec, cfg.substitute_weight, place.group)
+  cached = place.residency == Residency.CACHED
+  table, weights = (pools[place.pool].table, pools[place.pool].weights) if cached else (None, None)
+  arrived = jnp.zeros(config.num_experts, bool)
+  if pred is not None:
+    table, adm, arrived = ops.run("prefetch", l, functools.partial(prefetch_layer, plan), ops.layer(l), pred, valid,
+                                  table, consts.alpha)
+    weights = ops.run("copy", l, fill_slots, weights, store, adm.experts, adm.slots, donate=(0,))
+  knobs = Knobs(consts.alpha, consts.prior_strength, consts.similarity[l])
+  d = ops.run("plan", l, functools.partial(schedule_layer, plan), ops.layer(l), scores, valid, table, consts.costs,
+              arrived, knobs)
+  if cached:
+    weights = ops.run("copy", l, fill_slots, weights, store, d.loads, d.load_slots, donate=(0,))
+    pools[place.pool] = SlotPool(d.table, weights)
+  else:  # no device slots: every pair runs on the host
+    weights = moe.ExpertWeights(*(jnp.zeros((1, *w.shape[1:]), w.dtype) for w in store))
+  extra = None
+  if _may_cpu(cfg, pools, l):
+    extra = ops.cond(d.counters.pairs_cpu > 0, "cpu", l, functools.partial(cpu_experts, config.hidden_act),
+                     lambda x, *_: jnp.zeros(x.shape, jnp.float32), x, store, d)
+  return _LayerOut(d, weights, extra, d.counters.pairs_demand + d.counters.pairs_cpu > 0)
 
 
 def forward(ops: StepOps, cfg: StepConfig, consts: StepConstants, state: DecodeState,
@@ -304,7 +374,7 @@ def forward(ops: StepOps, cfg: StepConfig, consts: StepConstants, state: DecodeS
   Returns:
     (head output, the new `DecodeState`, `StepRecord`).
   """
-  config, spec = cfg.config, cfg.spec
+  config = cfg.config
   kv, pools = list(state.kv), list(state.pools)
   inputs = attention_inputs(config, batch.positions, batch.valid, batch.index)
   valid = batch.valid.reshape(-1)
@@ -317,60 +387,20 @@ def forward(ops: StepOps, cfg: StepConfig, consts: StepConstants, state: DecodeS
       h, kv[l] = ops.run("attention", l, attend_dense, layer, h, inputs, kv[l], donate=(3,))
       prev = prev and prev._replace(dense_between=True)
       continue
-    peeked = None
-    if _prefetches(cfg, l) and spec.prefetch == "provisional" and (prev.dense_between or prev.has_cpu is not None):
-      otherwise = lambda layer, h, inputs, kv: _zeros_like_scores(config, prev.x)
-      if prev.dense_between:
-        peeked = ops.run("prefetch", l, peek_scores, layer, prev.prov, inputs, kv[l])
-      else:
-        peeked = ops.cond(prev.has_cpu, "prefetch", l, peek_scores, otherwise, layer, prev.prov, inputs, kv[l])
     h, x, scores, kv[l] = ops.run("attention", l, attend_route, layer, h, inputs, kv[l], donate=(3,))
-    store = consts.experts[l]
-    plan = LayerPlan(config, spec, cfg.substitute_weight, place.group)
-    has_cpu = extra = None
     if cfg.exact or place.residency == Residency.RESIDENT:
-      streams = place.residency != Residency.RESIDENT
-      d = ops.run("plan", l, functools.partial(schedule_exact, config,
-                                               Residency.STREAMED if streams else Residency.RESIDENT),
-                  layer, scores, valid)
-      weights = store if place.residency == Residency.RESIDENT else ops.run("copy", l, stream, store)
-      if cfg.warm and place.residency == Residency.CACHED:
-        pool = pools[place.pool]
-        table, slot_weights = ops.run("copy", l, functools.partial(warm, spec.eviction or "score", place.group),
-                                      pool.table, scores, valid, d.experts, pool.weights, weights, donate=(4,))
-        pools[place.pool] = SlotPool(table, slot_weights)
+      out = _exact_layer(ops, cfg, l, pools, scores, consts.experts[l], valid)
     else:
-      pool = pools[place.pool] if place.residency == Residency.CACHED else None
-      table = None if pool is None else pool.table
-      slot_weights = None if pool is None else pool.weights
-      arrived = jnp.zeros(config.num_experts, bool)
-      if _prefetches(cfg, l):
-        if spec.prefetch == "provisional":
-          pred = scores if peeked is None else (peeked if prev.has_cpu is None else
-                                                jnp.where(prev.has_cpu, peeked, scores))
-        else:
-          pred = _predicted_scores(ops, cfg, l, prev, None, scores, kv[l])
-        table, adm, arrived = ops.run("prefetch", l, functools.partial(prefetch_layer, plan), layer, pred, valid,
-                                      table, consts.alpha)
-        slot_weights = ops.run("copy", l, fill_slots, slot_weights, store, adm.experts, adm.slots, donate=(0,))
-      knobs = Knobs(consts.alpha, consts.prior_strength, consts.similarity[l])
-      d = ops.run("plan", l, functools.partial(schedule_layer, plan), layer, scores, valid, table, consts.costs,
-                  arrived, knobs)
-      if pool is not None:
-        slot_weights = ops.run("copy", l, fill_slots, slot_weights, store, d.loads, d.load_slots, donate=(0,))
-        pools[place.pool] = SlotPool(d.table, slot_weights)
-      weights = slot_weights
-      if _may_cpu(cfg, pools, l):
-        has_cpu = d.counters.pairs_cpu > 0
-        extra = ops.cond(has_cpu, "cpu", l, functools.partial(cpu_experts, config.hidden_act),
-                         lambda x, *_: jnp.zeros(x.shape, jnp.float32), x, store, d)
-    if weights is None:  # no device slots: every pair ran on the host
-      weights = moe.ExpertWeights(*(jnp.zeros((1, *w.shape[1:]), w.dtype) for w in store))
-    prov, h = ops.run("experts", l, functools.partial(experts, config.hidden_act), layer, h, x, weights, d.slots,
-                      d.mix, extra)
+      pred = _prediction(ops, cfg, l, prev, scores, inputs, kv[l]) if _prefetches(cfg, l) else None
+      out = _scheduled_layer(ops, cfg, consts, l, pools, (x, scores, pred), valid)
+    d = out.decision
+    # Pairs whose expert was resident before the plan form the provisional output; demand loads join after it.
+    late = d.demand if _feeds_provisional(cfg, l) else None
+    prov, h = ops.run("experts", l, functools.partial(experts, config.hidden_act), layer, h, x, out.weights,
+                      d.slots, late, d.mix, out.extra)
     counters.append(d.counters)
     routing.append((d.experts, d.top))
-    prev = _Previous(prov, x, has_cpu, False)
+    prev = _Previous(prov, x, out.missed, False)
   out = ops.run("head", None, functools.partial(head, cfg.score), ops.decoder, h, batch.ids)
   record = StepRecord(LayerCounters.stack(counters), tuple(routing) if cfg.routing else None)
   return out, DecodeState(tuple(kv), tuple(pools)), record

@@ -47,7 +47,7 @@ from moejax.eval.scoring import SCORING_MODES
 from moejax.eval.tasks import PARAGRAPHS_PATH, task_manager
 from moejax.eval.tokenizer import load_tokenizer
 from moejax.models.config import from_hf_config, load_hf_config_dict
-from moejax.offload.cache import resolve_cache_slots
+from moejax.offload.slots import resolve_cache_slots
 from moejax.scheduling import get_policy
 from moejax.scheduling.routing import SUBSTITUTE_WEIGHTS
 from moejax.scheduling.similarity import load_similarity

@@ -110,8 +110,8 @@ def test_parse_options():
 def test_from_options_builds_the_engine(eval_path):
   lm = MoejaxLM.create_from_arg_string(f"pretrained={eval_path},policy=lru,alpha=0.2,cache_slots=3,"
                                        "policy_in_prefill=true,max_length=32", {"batch_size": "2", "device": None})
-  assert (lm.engine.spec.name, lm.engine.num_slots, lm.engine.policy_in_prefill) == ("lru", 3, True)
-  assert (float(lm.engine.alpha), lm.batch_size, lm.max_length) == (pytest.approx(0.2), 2, 32)
+  assert (lm.engine.spec.name, lm.engine.num_slots, lm.engine.options.policy_in_prefill) == ("lru", 3, True)
+  assert (lm.engine.options.alpha, lm.batch_size, lm.max_length) == (pytest.approx(0.2), 2, 32)
 
 
 def test_alpha_zero_scores_equal_resident(eval_path):
