@@ -16,7 +16,7 @@ Terms for one token (``s`` = ``S_(k+1)``, the best score among the token's
 
 A selected expert that is neither (one scoring below ``s``, which grouped or
 biased routers select, or one exactly at ``(1 + alpha) * s``) is kept as
-routed, like a top-score expert, but does not make it a batch candidate.
+routed but, unlike a top-score expert, is not a candidate for other tokens.
 
 Rules of :func:`route`, per valid token:
 
@@ -168,7 +168,6 @@ def top_score_mask(
     alpha: substitution threshold ``>= 0`` (may be traced).
     selected: ``[T, k] int32`` the model's selection; default top-k.
     valid: ``[T] bool``; rows of invalid tokens are all False.
-
     closed: use the released code's threshold ``S >= (1 + alpha) * S_(k+1)``
       (static; see :func:`release_route`).
 
