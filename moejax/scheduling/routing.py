@@ -10,9 +10,13 @@ Terms for one token (``s`` = ``S_(k+1)``, the best score among the token's
 *unselected* experts; scores are gate probabilities, so non-negative):
 
 - *top-score*: a selected expert with ``S > (1 + alpha) * s``; always computed.
-- *low-score*: a selected expert that is not top-score.
+- *low-score*: a selected expert with ``s <= S < (1 + alpha) * s``.
 - *candidate*: an unselected expert with ``(1 - alpha) * s <= S <= s`` that is
   resident, or top-score for some valid token of the batch.
+
+A selected expert that is neither (one scoring below ``s``, which grouped or
+biased routers select, or one exactly at ``(1 + alpha) * s``) is kept as
+routed but, unlike a top-score expert, is not a candidate for other tokens.
 
 Rules of :func:`route`, per valid token:
 
@@ -25,19 +29,18 @@ Rules of :func:`route`, per valid token:
    strictly below the expert it replaces.
 4. A low-score expert left without a candidate stays: a miss.
 
-The strictness in rule 3 is what makes ``alpha = 0`` compute the routing
-exactly. Under plain top-k every candidate scores at most ``s`` and every
-selected expert at least ``s``, so the rule only bites on ties with ``s``
-(which must never cause a substitution) and on custom selections from grouped
-or biased routers, where an unselected expert that outscores a selected one is
-never swapped in: that would override the model's routing, not approximate it.
+With ``alpha = 0`` no expert is low-score, so the routing is computed exactly
+whatever the router selected. The strictness in rule 3 keeps a low-score
+expert tied with ``s`` from being swapped for an equal-scoring candidate.
 
 Ties are broken deterministically: candidates of equal score go to the lower
 expert id; candidates of equal similarity to the higher score, then the lower
 id; low-score experts of equal score are processed in ``selected`` order.
 
-:func:`buddy_route` (BuddyMoE style) and :func:`cache_prior_logits`
-(Mixture of Cache-Conditional Experts style) are the baselines' routing rules.
+:func:`release_route` is the substitution rule of the paper's released code
+(``docs/smoe_release.md``); :func:`buddy_route` (BuddyMoE style) and
+:func:`cache_prior_logits` (Mixture of Cache-Conditional Experts style) are
+the baselines' routing rules.
 """
 
 from __future__ import annotations
@@ -124,21 +127,38 @@ def _selection_mask(selected: jax.Array, num_experts: int) -> jax.Array:
   return jnp.zeros((selected.shape[0], num_experts), bool).at[rows, selected].set(True)
 
 
-def _top_scores(scores: jax.Array, selected: jax.Array, alpha):
+def _score_classes(scores: jax.Array, selected: jax.Array, alpha, *, closed: bool = False):
   """Classifies each token's experts.
 
+  Args:
+    scores: ``[T, E]`` float32 gate probabilities.
+    selected: ``[T, k] int32`` selection.
+    alpha: float32 threshold.
+    closed: top-score at ``S >= (1 + alpha) * S_(k+1)`` (the released
+      code's threshold) instead of ``S >``.
+
   Returns:
-    ``(selection, runner_up, top)``: ``[T, E] bool`` selected experts,
-    ``[T, 1]`` ``S_(k+1)`` (the best unselected score, -inf if none) and
-    ``[T, E] bool`` top-score experts, ``S > (1 + alpha) * S_(k+1)``.
+    ``(selection, runner_up, top, low)``: ``[T, E] bool`` selected experts,
+    ``[T, 1]`` ``S_(k+1)`` (the best unselected score, -inf if none),
+    ``[T, E] bool`` top-score experts and ``[T, E] bool`` low-score experts
+    (selected, ``S_(k+1) <= S < (1 + alpha) * S_(k+1)``).
   """
   selection = _selection_mask(selected, scores.shape[-1])
   runner_up = jnp.max(jnp.where(selection, -jnp.inf, scores), axis=-1, keepdims=True)
-  return selection, runner_up, selection & (scores > (1 + alpha) * runner_up)
+  bound = (1 + alpha) * runner_up
+  top = selection & ((scores >= bound) if closed else (scores > bound))
+  low = selection & (scores >= runner_up) & (scores < bound)
+  return selection, runner_up, top, low
 
 
 def top_score_mask(
-  scores: jax.Array, *, k: int, alpha, selected: jax.Array | None = None, valid: jax.Array | None = None
+  scores: jax.Array,
+  *,
+  k: int,
+  alpha,
+  selected: jax.Array | None = None,
+  valid: jax.Array | None = None,
+  closed: bool = False,
 ) -> jax.Array:
   """Top-score experts of each token (SPEC section 2).
 
@@ -148,16 +168,19 @@ def top_score_mask(
     alpha: substitution threshold ``>= 0`` (may be traced).
     selected: ``[T, k] int32`` the model's selection; default top-k.
     valid: ``[T] bool``; rows of invalid tokens are all False.
+    closed: use the released code's threshold ``S >= (1 + alpha) * S_(k+1)``
+      (static; see :func:`release_route`).
 
   Returns:
     ``[T, E] bool``: selected with ``S > (1 + alpha) * S_(k+1)``. With
     ``alpha = 0`` that is the selected experts strictly above the best
-    unselected one (all of plain top-k, barring ties).
+    unselected one (all of plain top-k, barring ties); a selected expert
+    scoring below ``S_(k+1)`` (grouped or biased routers) is never top-score.
   """
   alpha = _as_alpha(alpha)
   scores = scores.astype(jnp.float32)
   selected = _default_selection(scores, k, selected)
-  _, _, top = _top_scores(scores, selected, alpha)
+  _, _, top, _ = _score_classes(scores, selected, alpha, closed=closed)
   return top & _valid_mask(scores, valid)[:, None]
 
 
@@ -234,6 +257,32 @@ def _make_plan(scores, selected, experts, top, valid, resident, substitute_weigh
   )
 
 
+def _substitute(scores, selected, resident, valid, classes, in_window, ranking, substitute_weight) -> Plan:
+  """Rules 1-4 of the module docstring, shared by :func:`route` and :func:`release_route`.
+
+  Args:
+    scores: ``[T, E]`` float32; selected: ``[T, k] int32``; resident:
+      ``[E] bool``; valid: ``[T] bool``.
+    classes: ``(selection, top, low)``, ``[T, E] bool`` each, from
+      :func:`_score_classes`.
+    in_window: ``[T, E] bool`` scores inside the substitution window.
+    ranking: ``[T, k, E] int32`` per position, expert ids best candidate first.
+    substitute_weight: as in :func:`route`.
+  """
+  selection, top_mask, low_mask = classes
+  batch_top = jnp.any(top_mask & valid[:, None], axis=0)
+  available = resident | batch_top
+
+  top = jnp.take_along_axis(top_mask, selected, axis=-1)
+  low = jnp.take_along_axis(low_mask, selected, axis=-1)
+  to_replace = low & ~available[selected] & valid[:, None]
+  candidates = ~selection & in_window & available
+  selected_scores = jnp.take_along_axis(scores, selected, axis=-1)
+  eligible = candidates[:, None, :] & (scores[:, None, :] < selected_scores[..., None])
+  experts = jax.vmap(_substitute_token)(scores, selected, to_replace, eligible, ranking)
+  return _make_plan(scores, selected, experts, top, valid, resident, substitute_weight)
+
+
 def route(
   scores: jax.Array,
   resident: jax.Array,
@@ -272,19 +321,71 @@ def route(
   valid = _valid_mask(scores, valid)
   resident = resident.astype(bool)
 
-  selection, runner_up, top_mask = _top_scores(scores, selected, alpha)
-  batch_top = jnp.any(top_mask & valid[:, None], axis=0)
-  available = resident | batch_top
-
-  top = jnp.take_along_axis(top_mask, selected, axis=-1)
-  to_replace = ~top & ~available[selected] & valid[:, None]
+  selection, runner_up, top, low = _score_classes(scores, selected, alpha)
   in_window = (scores >= (1 - alpha) * runner_up) & (scores <= runner_up) & jnp.isfinite(runner_up)
-  candidates = ~selection & in_window & available
-  selected_scores = jnp.take_along_axis(scores, selected, axis=-1)
-  eligible = candidates[:, None, :] & (scores[:, None, :] < selected_scores[..., None])
   ranking = _candidate_ranking(scores, selected, similarity)
-  experts = jax.vmap(_substitute_token)(scores, selected, to_replace, eligible, ranking)
-  return _make_plan(scores, selected, experts, top, valid, resident, substitute_weight)
+  return _substitute(scores, selected, resident, valid, (selection, top, low), in_window, ranking, substitute_weight)
+
+
+def release_route(
+  scores: jax.Array,
+  resident: jax.Array,
+  *,
+  k: int,
+  alpha,
+  selected: jax.Array | None = None,
+  valid: jax.Array | None = None,
+  substitute_weight: str = "own",
+) -> Plan:
+  """The substitution rule of the paper's released code (``docs/smoe_release.md``).
+
+  The rules of :func:`route` with three differences, per token
+  (``s = S_(k+1)``):
+
+  - top-score is ``S >= (1 + alpha) * s`` (closed), so low-score is
+    ``s <= S < (1 + alpha) * s``;
+  - the candidate window is open at both ends, ``(1 - alpha) * s < S < s``:
+    the runner-up (and any expert tied with it) is never a substitute, and
+    with ``alpha = 0`` there is no candidate at all;
+  - a missing low-score expert takes the first eligible candidate in
+    ascending expert id, whatever its score (the release takes the first in
+    Python set iteration order, which is not defined by the scores; ascending
+    id makes it deterministic).
+
+  As in :func:`route`, candidates are resident or top-score for some valid
+  token of the batch (the release's ``replaceset``), each is used at most
+  once per token, low-score experts are processed in descending score order,
+  and low-score experts that are resident or batch top-score are kept. The
+  release routes plain top-k only; for a ``selected`` from a grouped or biased
+  router a selected expert below ``s`` is kept, as in :func:`route`.
+
+  Args:
+    scores: ``[T, E]`` gate probabilities (softmax over all routed experts).
+    resident: ``[E] bool`` experts resident on the device.
+    k: experts per token (static).
+    alpha: substitution threshold ``>= 0`` (the release ships 0.25); may be
+      traced. ``0`` computes ``selected`` exactly.
+    selected: ``[T, k] int32``; default top-k of ``scores``.
+    valid: ``[T] bool``, False for padding tokens (the release routes padding
+      like any token; moejax leaves it out).
+    substitute_weight: as in :func:`route`; the release uses ``"own"`` and
+      then renormalises over the final k (for DeepSeek-MoE and XVERSE always,
+      for Qwen2-MoE by ``norm_topk_prob``), which is the caller's part.
+
+  Returns:
+    A :class:`Plan`; ``top_score`` marks ``S >= (1 + alpha) * s``.
+  """
+  alpha = _as_alpha(alpha)
+  _check_substitute_weight(substitute_weight)
+  scores = scores.astype(jnp.float32)
+  selected = _default_selection(scores, k, selected)
+  valid = _valid_mask(scores, valid)
+  resident = resident.astype(bool)
+
+  selection, runner_up, top, low = _score_classes(scores, selected, alpha, closed=True)
+  in_window = (scores > (1 - alpha) * runner_up) & (scores < runner_up) & jnp.isfinite(runner_up)
+  ranking = jnp.broadcast_to(jnp.arange(scores.shape[-1], dtype=jnp.int32), (*selected.shape, scores.shape[-1]))
+  return _substitute(scores, selected, resident, valid, (selection, top, low), in_window, ranking, substitute_weight)
 
 
 def buddy_route(
@@ -303,9 +404,11 @@ def buddy_route(
   Per valid token, each selected expert that is not resident is replaced
   (in descending score order) by the resident expert most similar to it
   that the token does not already use, whatever its score; without such an
-  expert it stays missing. With ``alpha`` given, top-score experts
-  (``S > (1 + alpha) * S_(k+1)``) are never replaced, so that ``alpha = 0``
-  computes the selection exactly, as for every moejax policy.
+  expert it stays missing. With ``alpha`` given, only low-score experts
+  (``S_(k+1) <= S < (1 + alpha) * S_(k+1)``) may be replaced, so that
+  ``alpha = 0`` computes the selection exactly, as for every moejax policy:
+  top-score experts, and selected experts scoring below ``S_(k+1)`` (grouped
+  or biased routers), are kept.
 
   Args:
     scores: ``[T, E]`` gate probabilities.
@@ -316,8 +419,9 @@ def buddy_route(
     selected: ``[T, k] int32``; default top-k of ``scores``.
     valid: ``[T] bool``, False for padding tokens.
     substitute_weight: as in :func:`route`.
-    alpha: optional threshold protecting top-score experts (None: classic
-      BuddyMoE, any missing expert may be replaced); may be traced.
+    alpha: optional threshold restricting replacement to low-score experts
+      (None: classic BuddyMoE, any missing expert may be replaced); may be
+      traced.
 
   Returns:
     A :class:`Plan`; ``top_score`` marks the unsubstituted positions whose
@@ -331,11 +435,11 @@ def buddy_route(
   num_experts = scores.shape[-1]
   resident = resident.astype(bool)
 
-  _, _, top_mask = _top_scores(scores, selected, 0.0 if alpha is None else _as_alpha(alpha))
+  _, _, top_mask, low_mask = _score_classes(scores, selected, 0.0 if alpha is None else _as_alpha(alpha))
   top = jnp.take_along_axis(top_mask, selected, axis=-1)
   to_replace = ~resident[selected] & valid[:, None]
   if alpha is not None:
-    to_replace = to_replace & ~top
+    to_replace = to_replace & jnp.take_along_axis(low_mask, selected, axis=-1)
   eligible = jnp.broadcast_to(resident, (*selected.shape, num_experts))
   ranking = _candidate_ranking(scores, selected, similarity)
   experts = jax.vmap(_substitute_token)(scores, selected, to_replace, eligible, ranking)

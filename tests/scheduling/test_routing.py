@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.scheduling import routing
+from moejax.scheduling import prefetch, routing
 
 SETTINGS = hypothesis.settings(max_examples=50, deadline=None)
 
@@ -53,6 +53,10 @@ def reference_route(scores, resident, k, alpha, selected=None, valid=None, simil
     s = runner_up(t)
     return {e for e in selected[t] if s is None or scores[t, e] > (np.float32(1) + a) * s}
 
+  def low_set(t):
+    s = runner_up(t)
+    return set() if s is None else {e for e in selected[t] if s <= scores[t, e] < (np.float32(1) + a) * s}
+
   batch_top = set()
   for t in range(num_tokens):
     if valid[t]:
@@ -66,10 +70,9 @@ def reference_route(scores, resident, k, alpha, selected=None, valid=None, simil
     s = runner_up(t)
     tops = top_set(t)
     top_flags[t] = [e in tops for e in selected[t]]
+    lows = low_set(t)
     to_replace = [
-      j
-      for j in range(k)
-      if selected[t, j] not in tops and not resident[selected[t, j]] and selected[t, j] not in batch_top
+      j for j in range(k) if selected[t, j] in lows and not resident[selected[t, j]] and selected[t, j] not in batch_top
     ]
     to_replace.sort(key=lambda j: (-scores[t, selected[t, j]], j))
     candidates = (
@@ -236,6 +239,75 @@ def test_custom_selection_never_swaps_in_a_higher_score():
     np.testing.assert_array_equal(plan.experts, [[0, 5]])
 
 
+# A router that selects an expert scoring below S_(k+1). DeepSeek-V3 style: a selection bias of
+# +0.1 on expert 3 lifts it to 0.25 and top-3 of the biased scores is [0, 2, 3] (tie 2/3 to the
+# lower id). DeepSeek-V2 group-limited greedy over groups {0,1}, {2,3}, {4,5} keeping the 2 best
+# groups by their best expert (0.32, 0.25; not 0.20) selects the same [0, 2, 3].
+# S_(k+1) = 0.20 (expert 4); expert 3 (0.15) is neither top- nor low-score at any alpha.
+BIASED = rows([0.32, 0.01, 0.25, 0.15, 0.20, 0.12])
+BIASED_SELECTED = jnp.array([[0, 2, 3]], jnp.int32)
+
+
+def test_biased_selection_is_reproduced():
+  bias = jnp.zeros(6).at[3].set(0.1)
+  np.testing.assert_array_equal(np.sort(jax.lax.top_k(BIASED + bias, 3)[1]), BIASED_SELECTED)
+
+
+def test_selected_expert_below_runner_up_is_kept():
+  # alpha = 0.5: top-score S > 0.30 -> expert 0; low-score 0.20 <= S < 0.30 -> expert 2; window
+  # [0.10, 0.20] -> experts 4 and 5 (both resident). Expert 2 (missing) takes the best candidate 4.
+  # Expert 3 (0.15, missing) is not low-score: it stays, although 5 (0.12) is a resident
+  # candidate below it.
+  plan = route(BIASED, mask(6, [4, 5]), k=3, alpha=0.5, selected=BIASED_SELECTED)
+  np.testing.assert_array_equal(plan.experts, [[0, 4, 3]])
+  np.testing.assert_array_equal(plan.top_score, [[True, False, False]])
+  np.testing.assert_array_equal(np.flatnonzero(plan.missing), [0, 3])
+
+
+def test_buddy_alpha_zero_is_exact_on_biased_selection():
+  # The failing case of the issue: scores [.30, .01, .25, .02, .20, .19], selected [0, 2, 3],
+  # resident {1, 4}. S_(k+1) = 0.20; expert 3 (0.02) scores below it and must be kept at
+  # alpha = 0 (it used to be replaced by its buddy 4).
+  scores = rows([0.30, 0.01, 0.25, 0.02, 0.20, 0.19])
+  selected = jnp.array([[0, 2, 3]], jnp.int32)
+  sim = jnp.zeros((6, 6)).at[0, 1].set(0.9).at[2, 4].set(0.7).at[2, 1].set(0.8).at[3, 4].set(0.9).at[3, 5].set(0.5)
+  plan = buddy_route(scores, mask(6, [1, 4]), k=3, similarity=sim, selected=selected, alpha=0.0)
+  np.testing.assert_array_equal(plan.experts, [[0, 2, 3]])
+  assert not plan.substituted.any()
+  # alpha = 0.6: low-score is 0.20 <= S < 0.32, so experts 0 and 2 (missing) take buddies 1 and
+  # 4 (0 first, higher score); expert 3 stays although buddy 5 is resident.
+  plan = buddy_route(scores, mask(6, [1, 4, 5]), k=3, similarity=sim, selected=selected, alpha=0.6)
+  np.testing.assert_array_equal(plan.experts, [[1, 4, 3]])
+  # Classic BuddyMoE (alpha None) replaces every missing expert.
+  plan = buddy_route(scores, mask(6, [1, 4, 5]), k=3, similarity=sim, selected=selected)
+  np.testing.assert_array_equal(plan.experts, [[1, 4, 5]])
+
+
+def test_top_score_and_prefetch_targets_on_biased_selection():
+  # alpha = 0: top-score S > 0.20 -> experts 0 and 2, not the selected expert 3 (0.15).
+  top = routing.top_score_mask(BIASED, k=3, alpha=0.0, selected=BIASED_SELECTED)
+  np.testing.assert_array_equal(np.flatnonzero(top), [0, 2])
+  # Predicted top-score experts that are not resident (0 is): 2 only.
+  targets = prefetch.prefetch_targets(BIASED, mask(6, [0]), k=3, alpha=0.0, selected=BIASED_SELECTED)
+  np.testing.assert_array_equal(np.flatnonzero(targets), [2])
+  # alpha = 0.5: S > 0.30 -> expert 0 alone.
+  top = routing.top_score_mask(BIASED, k=3, alpha=0.5, selected=BIASED_SELECTED)
+  np.testing.assert_array_equal(np.flatnonzero(top), [0])
+
+
+def test_score_at_upper_bound_is_neither_top_nor_low():
+  # Dyadic scores, exact in float32: selected [0, 1], S_(k+1) = 0.125, alpha = 1: the bound is
+  # 0.25. Expert 1 (0.25) is not top-score (S > 0.25 fails) and not low-score (S < 0.25 fails):
+  # it stays although resident candidate 2 (0.125) is in the window.
+  scores = rows([0.5, 0.25, 0.125, 0.0625])
+  plan = route(scores, mask(4, [2]), k=2, alpha=1.0)
+  np.testing.assert_array_equal(plan.experts, [[0, 1]])
+  np.testing.assert_array_equal(plan.top_score, [[True, False]])
+  np.testing.assert_array_equal(np.flatnonzero(routing.top_score_mask(scores, k=2, alpha=1.0)), [0])
+  # The released code's closed threshold (S >= 0.25) counts it as top-score.
+  np.testing.assert_array_equal(np.flatnonzero(routing.top_score_mask(scores, k=2, alpha=1.0, closed=True)), [0, 1])
+
+
 def test_every_expert_selected():
   # k = E: no unselected expert, S_(k+1) = -inf, so everything is
   # top-score and nothing can be substituted.
@@ -370,6 +442,8 @@ def test_route_invariants(case):
     a = np.float32(case["alpha"])
     for j in np.flatnonzero(plan.substituted[t]):
       c = plan.experts[t, j]
+      # Only low-score experts are replaced.
+      assert runner_up <= scores[t, selected[t, j]] < (np.float32(1) + np.float32(case["alpha"])) * runner_up
       # Substitutes are unselected, in the window, computed anyway.
       assert valid[t] and c in unselected
       assert (np.float32(1) - a) * runner_up <= scores[t, c] <= runner_up
