@@ -57,11 +57,14 @@ class EngineOptions:
   Attributes:
     policy: a registered policy name (`moejax.scheduling.POLICIES`) or a `PolicySpec`.
     alpha: substitution threshold (>= 0); 0 computes the model exactly.
+      None: the policy's own (`PolicySpec.alpha`, e.g. 0.25 for
+      smoe_release), else 0.
     cache_slots / cache_bytes / cache_fraction: the device expert cache, as
       slots, a total byte budget, or a fraction of the experts (at most one;
-      default: every expert).
+      default: every expert), per MoE layer or for the shared pool.
     cache_scope: "layer" (slots per MoE layer) or "global" (one pool of slots
-      shared by every MoE layer; eviction chooses among all of them).
+      shared by every MoE layer; eviction chooses among all of them); None:
+      the policy's own (`PolicySpec.cache_scope`).
     window: score-history steps for score-based eviction.
     similarity: `[L, E, E]` (or `[E, E]` for every layer) similarity for the
       "similarity" and "buddy" substitutions; default router-weight cosine.
@@ -83,11 +86,11 @@ class EngineOptions:
   """
 
   policy: str | PolicySpec = "smoe"
-  alpha: float = 0.0
+  alpha: float | None = None
   cache_slots: int | None = None
   cache_bytes: int | None = None
   cache_fraction: float | None = None
-  cache_scope: str = "layer"
+  cache_scope: str | None = None
   window: int = 8
   similarity: Any = None
   substitute_weight: str = "own"
@@ -139,32 +142,36 @@ class Engine:
     if unknown:
       raise TypeError(f"Engine got unknown option(s) {unknown}; the options are {sorted(known)}.")
     opts = dataclasses.replace(options or EngineOptions(), **overrides)
-    alpha = float(opts.alpha)
-    if not alpha >= 0:
-      raise ValueError(f"alpha must be >= 0 (got {alpha}); alpha = 0 computes the model exactly.")
     config = model.config
     if not config.moe_layer_ids:
       raise ValueError(f"The model ({config.model_type}) has no MoE layers; there is nothing to schedule.")
-    self.model, self.config, self.options = model, config, opts
-    self.spec = opts.policy if isinstance(opts.policy, PolicySpec) else get_policy(opts.policy)
+    spec = opts.policy if isinstance(opts.policy, PolicySpec) else get_policy(opts.policy)
+    # Unset options take the policy's own alpha and scope.
+    opts = dataclasses.replace(opts, alpha=float(spec.alpha or 0.0 if opts.alpha is None else opts.alpha),
+                               cache_scope=opts.cache_scope or spec.cache_scope)
+    alpha = opts.alpha
+    if not alpha >= 0:
+      raise ValueError(f"alpha must be >= 0 (got {alpha}); alpha = 0 computes the model exactly.")
+    self.model, self.config, self.options, self.spec = model, config, opts, spec
     dtype_bytes = jnp.dtype(model.dtype).itemsize
-    self.num_slots = setup.slot_count(config, self.spec, cache_slots=opts.cache_slots, cache_bytes=opts.cache_bytes,
+    self.num_slots = setup.slot_count(config, spec, cache_slots=opts.cache_slots, cache_bytes=opts.cache_bytes,
                                       cache_fraction=opts.cache_fraction, scope=opts.cache_scope,
                                       dtype_bytes=dtype_bytes)
-    self.placements = setup.placements(config, self.spec, self.num_slots, opts.cache_scope)
-    resident = not self.spec.cache
-    experts = model.experts_on_device() if resident else HostExpertStore(model.experts).layers
+    self.placements = setup.placements(config, spec, self.num_slots, opts.cache_scope)
+    experts = model.experts_on_device() if not spec.cache else HostExpertStore(model.experts).layers
     self.consts = StepConstants(
         params=jax.tree.leaves(nnx.state(model.decoder)), experts=tuple(experts),
-        similarity=setup.similarity_per_layer(model, self.spec, opts.similarity), alpha=jnp.float32(alpha),
+        similarity=setup.similarity_per_layer(model, spec, opts.similarity), alpha=jnp.float32(alpha),
         prior_strength=jnp.float32(np.log1p(alpha) if opts.cache_prior_strength is None
                                    else opts.cache_prior_strength),
         costs=balance.init_cost_model())
     self._graphdef = nnx.graphdef(model.decoder)
     self._empty_kv = jax.jit(model.init_caches, static_argnums=(0, 1))  # [B, max_len] caches made on the device
-    self.facts = setup.layer_facts(model, self.spec, self.placements)
-    # The programs see the components only, so policies with equal components share compilations.
-    self._spec_key = dataclasses.replace(self.spec, name="")
+    self.facts = setup.layer_facts(model, spec, self.placements)
+    # The programs see the components only, so policies with equal components share compilations; a policy that
+    # forces the top-k weights to sum to one computes with a config that says so.
+    self._spec_key = dataclasses.replace(spec, name="", alpha=None)
+    self._step_model = dataclasses.replace(config, norm_topk_prob=True) if spec.renormalize else config
     self._programs: dict[Any, Callable] = {}  # this engine's compiled programs, freed with it
     self.fixed_costs = costs_lib.resolve_costs(opts.costs, config)
     self.calibrated_costs: balance.CostModel | None = self.fixed_costs  # "calibrate": set before the first plan
@@ -184,15 +191,20 @@ class Engine:
   # --------------------------------------------------------------------------
 
   def reset(self, static_experts: dict[int, Sequence[int]] | None = None) -> None:
-    """Empties the expert cache (or fills the static policy's sets) and forgets the score history."""
+    """Empties the expert cache (or fills it as the policy starts: the static sets, the layer-order fill) and
+    forgets the score history."""
+    config = self.config
     if static_experts is None and self.options.static_experts is not None:
-      static_experts = dict(zip(self.config.moe_layer_ids, self.options.static_experts))
+      static_experts = dict(zip(config.moe_layer_ids, self.options.static_experts))
     if self.spec.static and static_experts is not None:
-      static_experts = {l: list(x)[: self.num_slots] for l, x in static_experts.items()}
+      initial = {l: list(x)[: self.num_slots] for l, x in static_experts.items()}
+    elif self.spec.fill == "layer_order":
+      initial = setup.layer_order_fill(config, self.num_slots, self.options.cache_scope)
+    else:
+      initial = None
     self.static_ready = not self.spec.static or static_experts is not None
-    pools = setup.initial_pools(self.config, self.placements, self.num_slots, window=self.options.window,
-                                dtype=self.model.dtype, store=self.consts.experts,
-                                initial=static_experts if self.spec.static else None)
+    pools = setup.initial_pools(config, self.placements, self.num_slots, window=self.options.window,
+                                dtype=self.model.dtype, store=self.consts.experts, initial=initial)
     self.state = DecodeState(kv=(), pools=pools)
 
   @property
@@ -211,8 +223,8 @@ class Engine:
     return costs_lib.calibrate(self.config, self.consts.experts[self.config.moe_layer_ids[0]], repeats)
 
   def _calibrate_once(self, scheduled: bool) -> None:
-    """Before a call that schedules steps, for a balance policy with costs="calibrate": measure them (once)."""
-    if scheduled and self.spec.balance and self.calibrated_costs is None:
+    """Before a call that schedules steps, for a policy that splits misses by costs="calibrate": measure (once)."""
+    if scheduled and self.spec.split_costs and self.calibrated_costs is None:
       self.calibrated_costs = self.calibrate_costs()
       self.consts = self.consts._replace(costs=self.calibrated_costs)
 
@@ -226,7 +238,7 @@ class Engine:
 
   def _step_config(self, exact: bool, score: bool = False, routing: bool | None = None) -> StepConfig:
     return StepConfig(
-        self.config, self._spec_key, self.options.substitute_weight, self.placements, exact=exact,
+        self._step_model, self._spec_key, self.options.substitute_weight, self.placements, exact=exact,
         warm=exact and not self.spec.static, score=score,
         routing=self.options.record_routing if routing is None else routing)
 

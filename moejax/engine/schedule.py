@@ -88,6 +88,9 @@ def _route(plan: LayerPlan, scores, resident, valid, selected, knobs: Knobs) -> 
     return routing.route(scores, resident, k=k, alpha=knobs.alpha, selected=selected, valid=valid,
                          similarity=knobs.similarity if spec.substitution == "similarity" else None,
                          substitute_weight=plan.substitute_weight)
+  if spec.substitution == "release":
+    return routing.release_route(scores, resident, k=k, alpha=knobs.alpha, selected=selected, valid=valid,
+                                 substitute_weight=plan.substitute_weight)
   return routing.route(scores, resident, k=k, alpha=0.0, selected=selected, valid=valid)
 
 
@@ -117,13 +120,18 @@ def schedule_layer(plan: LayerPlan, layer, scores, valid, table, costs: balance.
   mix = moe.combine_weights(config, routed.gate_scores)
   priority = jnp.max(jnp.where(valid[:, None], scores, 0.0), axis=0)
 
+  pair_valid = jnp.broadcast_to(valid[:, None], routed.experts.shape)
   if spec.cpu_compute == "never":
     load = routed.missing
   elif spec.cpu_compute == "always":
     load = jnp.zeros(e, bool)
-  else:
+  elif spec.cpu_compute == "balance":
     load, _ = balance.split_load_cpu(jnp.where(routed.missing, priority, -jnp.inf), c_load=costs.load_s,
                                      c_cpu=costs.cpu_s)
+  else:  # "greedy": the released code ranks misses by tokens routed to them (ties: by score, below 1)
+    tokens = jnp.zeros(e, jnp.float32).at[routed.experts].add(pair_valid)
+    load, _ = balance.greedy_split_load_cpu(jnp.where(routed.missing, tokens + priority, -jnp.inf),
+                                            c_load=costs.load_s, c_cpu=costs.cpu_s)
 
   max_loads = 0 if table is None else min(table.num_slots, e)
   if table is not None and spec.eviction is not None and max_loads > 0:
@@ -134,7 +142,6 @@ def schedule_layer(plan: LayerPlan, layer, scores, valid, table, costs: balance.
     loads = load_slots = jnp.full(max(max_loads, 1), -1, jnp.int32)
   expert_slot = jnp.full(e, -1, jnp.int32) if table is None else cache.expert_slots(table, plan.group)
   pair_slot = expert_slot[routed.experts]
-  pair_valid = jnp.broadcast_to(valid[:, None], routed.experts.shape)
   on_cpu = pair_valid & (pair_slot < 0)
   on_device = pair_valid & ~on_cpu
   slots = jnp.where(on_device, pair_slot, -1)
@@ -193,8 +200,17 @@ def schedule_exact(config: MoEConfig, residency: Residency, layer, scores, valid
   return LayerDecision(selected, mix, top, slots, no_pairs, no_pairs, none, none, None, counters)
 
 
-def prefetch_layer(plan: LayerPlan, layer, pred_scores, valid, table: cache.CacheState,
-                   alpha) -> tuple[cache.CacheState, cache.Admission, jax.Array]:
+class PrefetchGate(NamedTuple):
+  """When and around what a prefetch may copy: `enabled` (scalar bool; the released code prefetches only after
+  the previous layer missed) and `keep` `[G * E]` bool, keys of a shared pool it must not evict (the previous
+  layer's experts, still in use), or None."""
+
+  enabled: jax.Array
+  keep: jax.Array | None
+
+
+def prefetch_layer(plan: LayerPlan, layer, pred_scores, valid, table: cache.CacheState, alpha,
+                   gate: PrefetchGate) -> tuple[cache.CacheState, cache.Admission, jax.Array]:
   """Admits the layer's predicted top-score experts (or its most activated ones) before its plan.
 
   Returns (table, admission, arrived `[E]` bool: the experts it copies in).
@@ -209,9 +225,13 @@ def prefetch_layer(plan: LayerPlan, layer, pred_scores, valid, table: cache.Cach
     priority = use_count
   else:
     selected = moe.select_experts(config, pred_scores, layer.mlp.router.selection_bias())
-    want = prefetch.prefetch_targets(pred_scores, resident, k=k, alpha=alpha, valid=valid, selected=selected)
+    if spec.prefetch_limit is None:
+      want = prefetch.prefetch_targets(pred_scores, resident, k=k, alpha=alpha, valid=valid, selected=selected)
+    else:
+      want = prefetch.limited_targets(pred_scores, resident, k=k, alpha=alpha, max_experts=spec.prefetch_limit,
+                                      valid=valid, selected=selected)
     priority = jnp.max(jnp.where(valid[:, None], pred_scores, 0.0), axis=0)
-  table, adm = cache.admit(table, want, jnp.zeros_like(want), priority, policy=spec.eviction, max_loads=max_loads,
-                           group=plan.group)
+  table, adm = cache.admit(table, want & gate.enabled, jnp.zeros_like(want), priority, policy=spec.eviction,
+                           max_loads=max_loads, group=plan.group, keep=gate.keep)
   arrived = jnp.zeros(e, bool).at[jnp.where(adm.experts >= 0, adm.experts, e)].set(True, mode="drop")
   return table, adm, arrived

@@ -96,6 +96,15 @@ def initial_pools(config: MoEConfig, layout: Sequence[LayerPlacement | None], nu
   return tuple(pools)
 
 
+def layer_order_fill(config: MoEConfig, num_slots: int, scope: str) -> dict[int, list[int]]:
+  """The released code's start: experts in ascending id, first MoE layer first, until the slots are full (per
+  layer: the first `num_slots` experts of each layer)."""
+  e = config.num_experts
+  if scope != "global":
+    return {l: list(range(min(num_slots, e))) for l in config.moe_layer_ids}
+  return {l: list(range(min(e, num_slots - j * e))) for j, l in enumerate(config.moe_layer_ids) if num_slots > j * e}
+
+
 def most_used(counts: dict[int, np.ndarray], num_slots: int, scope: str) -> dict[int, list[int]]:
   """The static policy's resident sets: per MoE layer its most used experts (`counts` `[E]` per layer), or with
   scope "global" the `num_slots` most used (layer, expert) pairs over all layers (ties: earlier layer, lower id)."""
@@ -150,10 +159,15 @@ def layer_facts(model: Model, spec: PolicySpec, layout: Sequence[LayerPlacement 
     if spec.prefetch is None or layout[nxt].residency != Residency.CACHED:
       continue
     predictor[l] = spec.prefetch
+    router = _nbytes(nnx.state(layers[nxt].mlp.router))
     if spec.prefetch == "provisional":
       predictor_bytes[l] = dense[nxt]
     elif spec.prefetch == "gate":
-      predictor_bytes[l] = _nbytes(nnx.state(layers[nxt].mlp.router))
+      predictor_bytes[l] = router
+    elif spec.prefetch == "layernorm":  # the two norms of the next layer, the shared experts of this one, the gate
+      norms = _nbytes(nnx.state(layers[nxt].input_layernorm)) + _nbytes(nnx.state(layers[nxt].post_attention_layernorm))
+      shared = _nbytes(nnx.state(layers[l].mlp.shared)) if layers[l].mlp.shared is not None else 0
+      predictor_bytes[l] = norms + shared + router
   head = _nbytes(nnx.state(model.decoder.norm)) + config.vocab_size * config.hidden_size * dtype_bytes
-  split = "balance" if spec.cpu_compute == "balance" else ""
+  split = spec.cpu_compute if spec.split_costs else ""
   return LayerFacts(dense, expert, tuple(predictor_bytes), tuple(predictor), split, head)

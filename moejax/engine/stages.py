@@ -31,7 +31,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.engine import sampling
-from moejax.engine.schedule import Knobs, LayerDecision, LayerPlan, prefetch_layer, schedule_exact, schedule_layer
+from moejax.engine.schedule import (
+  Knobs,
+  LayerDecision,
+  LayerPlan,
+  PrefetchGate,
+  prefetch_layer,
+  schedule_exact,
+  schedule_layer,
+)
 from moejax.engine.state import DecodeState, Residency, SlotPool, StepConfig, StepConstants, StepInput
 from moejax.engine.stats import LayerCounters
 from moejax.models import moe
@@ -81,6 +89,21 @@ def peek_scores(layer, h, inputs, kv):
 def gate_scores(layer, x):
   """The cheap predictor: the layer's gate applied to another layer's MoE input x `[N, D]`."""
   return layer.router_scores(x)
+
+
+def layernorm_scores(residual: bool, prev_layer, layer, x, h):
+  """The released code's predictor of `layer`'s scores `[N, E]` from the previous MoE layer's MoE input x `[N, D]`.
+
+  No attention and no routed experts: u = x + shared(x) (+ h, the previous
+  layer's residual stream after its attention, `[B, T, D]`, with `residual`),
+  then `layer`'s input norm as a skipped attention (norm(u) + u), its
+  post-attention norm and its gate (docs/smoe_release.md, 4.1).
+  """
+  u = x + prev_layer.mlp.shared_output(x)
+  if residual:
+    u = u + h.reshape(x.shape)
+  v = layer.input_layernorm(u) + u
+  return layer.router_scores(layer.post_attention_layernorm(v))
 
 
 def stream(store):
@@ -244,16 +267,21 @@ class StagedOps:
 class _Previous(NamedTuple):
   """The MoE layer before the current one, as the current layer's predictor sees it.
 
-  prov: its provisional output `[B, T, D]` (shared experts and the experts
-  resident before its plan: no demand loads, no CPU pairs); x: its MoE input
-  `[N, D]`; missed: whether it had demand loads or CPU pairs (None: it could
-  not), i.e. whether `prov` differs from its output; dense_between: dense
-  layers separate it from the current one.
+  layer: its index; h: its residual stream after attention `[B, T, D]`; x: its
+  MoE input `[N, D]`; prov: its provisional output `[B, T, D]` (shared experts
+  and the experts resident before its plan: no demand loads, no CPU pairs);
+  missed: whether it had demand loads or CPU pairs (None: it could not), i.e.
+  whether `prov` differs from its output; keep: in a shared pool, `[G * E]`
+  the keys of the experts it computed; dense_between: dense layers separate it
+  from the current one.
   """
 
-  prov: jax.Array
+  layer: int
+  h: jax.Array
   x: jax.Array
+  prov: jax.Array
   missed: jax.Array | None
+  keep: jax.Array | None
   dense_between: bool
 
 
@@ -290,12 +318,16 @@ def _prediction(ops: StepOps, cfg: StepConfig, l: int, prev: _Previous, scores, 
   demand loads and no CPU pairs, its provisional output is its output, so the
   prediction equals layer l's own scores, which serve unchanged (dense layers
   in between are skipped by the predictor). "gate": layer l's gate on the
-  previous layer's MoE input. "activation": no score prediction (counts).
+  previous layer's MoE input. "layernorm": `layernorm_scores`. "activation":
+  no score prediction (counts).
   """
   kind = cfg.spec.prefetch
   layer = ops.layer(l)
   if kind == "gate":
     return ops.run("prefetch", l, gate_scores, layer, prev.x)
+  if kind == "layernorm":  # without the residual for Qwen2-MoE, as the release runs it (docs/smoe_release.md)
+    return ops.run("prefetch", l, functools.partial(layernorm_scores, cfg.config.model_type != "qwen2_moe"),
+                   ops.layer(prev.layer), layer, prev.x, prev.h)
   if kind == "activation":
     return jnp.zeros(scores.shape, jnp.float32)
   if prev.dense_between:
@@ -331,19 +363,23 @@ def _exact_layer(ops: StepOps, cfg: StepConfig, l: int, pools: list, scores, sto
 
 
 def _scheduled_layer(ops: StepOps, cfg: StepConfig, consts: StepConstants, l: int, pools: list,
-                     routed: tuple[jax.Array, jax.Array, jax.Array | None], valid) -> _LayerOut:
-  """An MoE layer under the policy: prefetch (predicted scores `pred` `[N, E]`, or None), plan, copies, CPU
-  experts. routed: (x `[N, D]`, scores `[N, E]`, pred)."""
+                     routed: tuple[jax.Array, jax.Array], prefetched: tuple[jax.Array, PrefetchGate] | None,
+                     valid) -> _LayerOut:
+  """An MoE layer under the policy: prefetch, plan, copies, CPU experts.
+
+  routed: (x `[N, D]`, scores `[N, E]`); prefetched: (predicted scores `[N, E]`, `PrefetchGate`), or None.
+  """
   config, spec, place = cfg.config, cfg.spec, cfg.placements[l]
-  x, scores, pred = routed
+  x, scores = routed
   store = consts.experts[l]
   plan = LayerPlan(config, spec, cfg.substitute_weight, place.group)
   cached = place.residency == Residency.CACHED
   table, weights = (pools[place.pool].table, pools[place.pool].weights) if cached else (None, None)
   arrived = jnp.zeros(config.num_experts, bool)
-  if pred is not None:
+  if prefetched is not None:
+    pred, gate = prefetched
     table, adm, arrived = ops.run("prefetch", l, functools.partial(prefetch_layer, plan), ops.layer(l), pred, valid,
-                                  table, consts.alpha)
+                                  table, consts.alpha, gate)
     weights = ops.run("copy", l, fill_slots, weights, store, adm.experts, adm.slots, donate=(0,))
   knobs = Knobs(consts.alpha, consts.prior_strength, consts.similarity[l])
   d = ops.run("plan", l, functools.partial(schedule_layer, plan), ops.layer(l), scores, valid, table, consts.costs,
@@ -358,6 +394,16 @@ def _scheduled_layer(ops: StepOps, cfg: StepConfig, consts: StepConstants, l: in
     extra = ops.cond(d.counters.pairs_cpu > 0, "cpu", l, functools.partial(cpu_experts, config.hidden_act),
                      lambda x, *_: jnp.zeros(x.shape, jnp.float32), x, store, d)
   return _LayerOut(d, weights, extra, d.counters.pairs_demand + d.counters.pairs_cpu > 0)
+
+
+def _shared_pool_keys(cfg: StepConfig, pools, l: int, d: LayerDecision, valid) -> jax.Array | None:
+  """In a pool shared by several layers, `[G * E]` bool: the keys of the experts MoE layer l computed."""
+  place = cfg.placements[l]
+  if place.residency != Residency.CACHED or pools[place.pool].table.num_groups == 1:
+    return None
+  e, groups = cfg.config.num_experts, pools[place.pool].table.num_groups
+  used = jnp.broadcast_to(valid[:, None], d.experts.shape)
+  return jnp.zeros(groups * e, bool).at[place.group * e + d.experts].max(used)
 
 
 def forward(ops: StepOps, cfg: StepConfig, consts: StepConstants, state: DecodeState,
@@ -388,11 +434,15 @@ def forward(ops: StepOps, cfg: StepConfig, consts: StepConstants, state: DecodeS
       prev = prev and prev._replace(dense_between=True)
       continue
     h, x, scores, kv[l] = ops.run("attention", l, attend_route, layer, h, inputs, kv[l], donate=(3,))
+    h_attention = h
     if cfg.exact or place.residency == Residency.RESIDENT:
       out = _exact_layer(ops, cfg, l, pools, scores, consts.experts[l], valid)
     else:
-      pred = _prediction(ops, cfg, l, prev, scores, inputs, kv[l]) if _prefetches(cfg, l) else None
-      out = _scheduled_layer(ops, cfg, consts, l, pools, (x, scores, pred), valid)
+      prefetched = None
+      if _prefetches(cfg, l):
+        enabled = prev.missed if cfg.spec.prefetch_after_miss and prev.missed is not None else jnp.bool_(True)
+        prefetched = (_prediction(ops, cfg, l, prev, scores, inputs, kv[l]), PrefetchGate(enabled, prev.keep))
+      out = _scheduled_layer(ops, cfg, consts, l, pools, (x, scores), prefetched, valid)
     d = out.decision
     # Pairs whose expert was resident before the plan form the provisional output; demand loads join after it.
     late = d.demand if _feeds_provisional(cfg, l) else None
@@ -400,7 +450,7 @@ def forward(ops: StepOps, cfg: StepConfig, consts: StepConstants, state: DecodeS
                       d.slots, late, d.mix, out.extra)
     counters.append(d.counters)
     routing.append((d.experts, d.top))
-    prev = _Previous(prov, x, out.missed, False)
+    prev = _Previous(l, h_attention, x, prov, out.missed, _shared_pool_keys(cfg, pools, l, d, valid), False)
   out = ops.run("head", None, functools.partial(head, cfg.score), ops.decoder, h, batch.ids)
   record = StepRecord(LayerCounters.stack(counters), tuple(routing) if cfg.routing else None)
   return out, DecodeState(tuple(kv), tuple(pools)), record

@@ -276,6 +276,7 @@ def admit(
   policy: str,
   max_loads: int,
   group=0,
+  keep: jax.Array | None = None,
 ) -> tuple[CacheState, Admission]:
   """Admits wanted experts of one layer (its ``group``) into the cache, evicting by ``policy``.
 
@@ -297,6 +298,8 @@ def admit(
     policy: one of :data:`EVICTION_POLICIES` (static).
     max_loads: most experts admitted by this call (static).
     group: the layer's group (may be traced).
+    keep: optional ``[G * E] bool`` keys of any group that must not be
+      evicted (in a shared pool: another layer's experts still in use).
 
   Returns:
     ``(state, admission)``: slot tables updated (admitted experts get
@@ -312,6 +315,8 @@ def admit(
   want = _embed(want.astype(bool), state, group, fill=False)
   to_admit = want & (state.expert_slot < 0)
   protected = want | _embed(shield.astype(bool), state, group, fill=False)
+  if keep is not None:
+    protected = protected | keep.astype(bool)
   if priority is None:
     priority = jnp.zeros(num_experts, jnp.float32)
   priority = _embed(jnp.asarray(priority, jnp.float32), state, group)

@@ -17,9 +17,11 @@ import types
 
 from moejax.scheduling.cache import EVICTION_POLICIES
 
-SUBSTITUTIONS = ("score", "similarity", "buddy")
-PREFETCHERS = ("provisional", "gate", "activation")
-CPU_COMPUTE = ("never", "always", "balance")
+SUBSTITUTIONS = ("score", "similarity", "buddy", "release")
+PREFETCHERS = ("provisional", "gate", "activation", "layernorm")
+CPU_COMPUTE = ("never", "always", "balance", "greedy")
+CACHE_SCOPES = ("layer", "global")
+FILLS = ("empty", "layer_order")
 
 
 def _check_choice(field: str, value, choices, allow_none: bool) -> None:
@@ -45,21 +47,43 @@ class PolicySpec:
     substitution: ``"score"`` (the expert-cache router,
       :func:`~moejax.scheduling.routing.route`), ``"similarity"`` (the same
       rule with candidates ranked by a similarity matrix), ``"buddy"``
-      (:func:`~moejax.scheduling.routing.buddy_route`), or None.
+      (:func:`~moejax.scheduling.routing.buddy_route`), ``"release"`` (the
+      paper's released code: :func:`~moejax.scheduling.routing.release_route`),
+      or None.
     prefetch: next-layer prefetching: ``"provisional"`` (the paper's
       predictor: provisional layer output through the next attention and
       gate), ``"gate"`` (next gate on the current hidden state),
-      ``"activation"`` (most activated experts so far), or None.
+      ``"activation"`` (most activated experts so far), ``"layernorm"`` (the
+      released code's: the next layer's norms and gate on the MoE input plus
+      the shared experts' output, no attention), or None.
+    prefetch_limit: most experts one prefetch copies, the first predicted
+      ones by expert id (:func:`~moejax.scheduling.prefetch.limited_targets`);
+      None: every predicted top-score expert.
+    prefetch_after_miss: prefetch for a layer only when the layer before it
+      had a miss (a demand load or a CPU expert), as the released code does.
     balance: split misses between loading and CPU computation with the
       two-pointer rule (:func:`~moejax.scheduling.balance.split_load_cpu`).
       True exactly when ``cpu_compute == "balance"``.
     cpu_compute: misses computed on the CPU ``"never"`` (all loaded),
-      ``"always"`` (none loaded), or as ``"balance"`` decides.
+      ``"always"`` (none loaded), or as ``"balance"`` (two pointers, SPEC
+      section 6) or ``"greedy"`` (the released code's CPU-first rule,
+      :func:`~moejax.scheduling.balance.greedy_split_load_cpu`) decides.
     static: a fixed resident set chosen from calibration activation
       counts, never changed; everything else runs on the CPU.
     layerwise: each layer's experts are all streamed in before it runs.
     cache_prior: router logits biased toward resident experts before top-k
       (:func:`~moejax.scheduling.routing.cache_prior_logits`).
+    cache_scope: ``"layer"`` (slots per MoE layer) or ``"global"`` (one pool
+      of slots for every MoE layer, eviction among all of them).
+    fill: what the slots hold before the first prompt: ``"empty"``, or
+      ``"layer_order"`` (every expert of the first MoE layer, then the next,
+      until the slots are full: the released code's start).
+    renormalize: renormalise the final k experts' weights to sum to one
+      whatever the checkpoint's ``norm_topk_prob`` (the released code does so
+      for DeepSeek-MoE and XVERSE); then even alpha = 0 differs from the
+      model there. Off unless asked for.
+    alpha: the alpha the policy was published with; the engine uses it
+      when given no alpha (None: 0, the exact model).
   """
 
   name: str
@@ -72,12 +96,31 @@ class PolicySpec:
   static: bool = False
   layerwise: bool = False
   cache_prior: bool = False
+  cache_scope: str = "layer"
+  fill: str = "empty"
+  prefetch_limit: int | None = None
+  prefetch_after_miss: bool = False
+  renormalize: bool = False
+  alpha: float | None = None
+
+  @property
+  def split_costs(self) -> bool:
+    """Whether misses are split between loads and the CPU by per-expert costs ("balance", "greedy")."""
+    return self.cpu_compute in ("balance", "greedy")
 
   def __post_init__(self):
     _check_choice("eviction", self.eviction, EVICTION_POLICIES, True)
     _check_choice("substitution", self.substitution, SUBSTITUTIONS, True)
     _check_choice("prefetch", self.prefetch, PREFETCHERS, True)
     _check_choice("cpu_compute", self.cpu_compute, CPU_COMPUTE, False)
+    _check_choice("cache_scope", self.cache_scope, CACHE_SCOPES, False)
+    _check_choice("fill", self.fill, FILLS, False)
+    if self.prefetch is None and (self.prefetch_limit is not None or self.prefetch_after_miss):
+      raise ValueError(f"policy {self.name!r}: prefetch_limit and prefetch_after_miss need a prefetch predictor.")
+    if self.prefetch_limit is not None and self.prefetch_limit < 1:
+      raise ValueError(f"policy {self.name!r}: prefetch_limit must be >= 1 or None (got {self.prefetch_limit}).")
+    if self.alpha is not None and not self.alpha >= 0:
+      raise ValueError(f"policy {self.name!r}: alpha must be >= 0 or None (got {self.alpha}).")
     if self.balance != (self.cpu_compute == "balance"):
       raise ValueError(
         f"policy {self.name!r}: balance=True goes with "
@@ -107,6 +150,8 @@ class PolicySpec:
         "expert, so nothing is missed; set cpu_compute='never' and "
         "substitution=None."
       )
+    if self.layerwise and (self.cache_scope != "layer" or self.fill != "empty"):
+      raise ValueError(f"policy {self.name!r}: a layerwise policy keeps no slots; leave cache_scope and fill alone.")
     loads = self.cpu_compute != "always" or self.prefetch is not None
     if loads and self.eviction is None and not self.layerwise:
       raise ValueError(
@@ -125,6 +170,20 @@ _CR = dataclasses.replace(_CE, name="+cr", substitution="score")
 _PRE = dataclasses.replace(_CR, name="+pre", prefetch="provisional")
 _BA = dataclasses.replace(_PRE, name="+ba", balance=True, cpu_compute="balance")
 
+_RELEASE = PolicySpec(
+  "smoe_release",
+  eviction="fifo",
+  substitution="release",
+  prefetch="layernorm",
+  prefetch_limit=1,
+  prefetch_after_miss=True,
+  cpu_compute="greedy",
+  cache_scope="global",
+  fill="layer_order",
+  alpha=0.25,
+)
+"""The paper's released code (GitHub goingshr/SMoE) as components; docs/smoe_release.md lists each rule."""
+
 POLICIES = _registry(
   PolicySpec("resident", cache=False),
   PolicySpec("cpu", cpu_compute="always"),
@@ -136,6 +195,7 @@ POLICIES = _registry(
   PolicySpec("cache_prior", eviction="lru", cache_prior=True),
   PolicySpec("buddy", eviction="lru", substitution="buddy"),
   dataclasses.replace(_BA, name="smoe"),
+  _RELEASE,
   _CE,
   _CR,
   _PRE,

@@ -1,5 +1,6 @@
 """Engine: lossless offloading, real offloading, statistics, validation."""
 
+import collections
 import json
 import subprocess
 import sys
@@ -44,6 +45,16 @@ def test_alpha_zero_is_lossless(host_model, reference, policy, slots):
     result = engine.generate(PROMPTS[:b], NEW, MASK[:b])
     np.testing.assert_array_equal(result.tokens, tokens)
     np.testing.assert_allclose(result.logprobs, logp, atol=2e-4)
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_alpha_zero_is_lossless_in_a_shared_pool(host_model, reference, policy):
+  """One pool of k slots for every MoE layer (cache_scope "global"): still the resident model's tokens."""
+  engine = Engine(host_model, policy=policy, alpha=0.0, cache_slots=TOP_K, cache_scope="global")
+  tokens, logp = reference[3]
+  result = engine.generate(PROMPTS, NEW, MASK)
+  np.testing.assert_array_equal(result.tokens, tokens)
+  np.testing.assert_allclose(result.logprobs, logp, atol=2e-4)
 
 
 _MEMORY_PROBE = """
@@ -137,6 +148,67 @@ def test_lru_counts_match_brute_force(host_model):
     assert per_layer["demand_loads"][layer] == loads
     assert per_layer["bytes_to_device"][layer] == loads * expert_bytes
     assert per_layer["pairs"][layer] == (new - 1) * TOP_K
+
+
+def _brute_force_shared_lru(steps, slots, resident, last_used, clock):
+  """Plain-Python LRU over one pool shared by the MoE layers; steps: per decode step, per MoE layer in order, the
+  keys `layer_index * E + expert` it computes. The clock ticks once per layer step; evict the least recently used
+  key (ties: lowest key) that the layer does not compute. Returns (pair hits, loads) per MoE layer index."""
+  resident, last_used = set(resident), dict(last_used)
+  hits, loads = collections.Counter(), collections.Counter()
+  for step in steps:
+    for j, keys in enumerate(step):
+      needed = set(keys)
+      hits[j] += sum(key in resident for key in keys)
+      for key in sorted(needed - resident):
+        loads[j] += 1
+        if len(resident) >= slots:
+          resident.remove(min(resident - needed, key=lambda v: (last_used.get(v, -1), v)))
+        resident.add(key)
+        last_used[key] = clock
+      for key in needed:
+        last_used[key] = clock
+      clock += 1
+  return hits, loads
+
+
+def test_shared_pool_lru_counts_match_brute_force(host_model):
+  """lru with one pool for every MoE layer: hits and loads per layer equal a plain-Python replay of the routing."""
+  slots, new = 5, 16
+  c = host_model.config
+  probe = Engine(host_model, policy="lru", cache_slots=slots, cache_scope="global")
+  probe.generate(PROMPTS[:1], 1)  # the pool as the exact prefill leaves it
+  table = probe.states[c.moe_layer_ids[0]]
+  resident = [int(k) for k in np.asarray(table.slot_expert) if k >= 0]
+  last_used = {k: int(v) for k, v in enumerate(np.asarray(table.last_used))}
+  engine = Engine(host_model, policy="lru", cache_slots=slots, cache_scope="global", record_routing=True)
+  result = engine.generate(PROMPTS[:1], new)
+  steps = [[(j * NUM_EXPERTS + r[l].experts).ravel().tolist() for j, l in enumerate(c.moe_layer_ids)]
+           for r in result.routing[1:]]
+  hits, loads = _brute_force_shared_lru(steps, slots, resident, last_used, int(np.asarray(table.step)))
+  per_layer = result.stats["per_layer"]
+  for j, l in enumerate(c.moe_layer_ids):
+    assert per_layer["pairs_resident"][l] == hits[j]
+    assert per_layer["demand_loads"][l] == loads[j]
+  assert sum(loads.values()) > 0 and sum(hits.values()) > 0
+
+
+def test_release_prefetches_one_expert_only_after_a_miss(host_model):
+  """smoe_release: the prefetch for a layer copies at most one expert, and only when the layer before missed."""
+  engine = Engine(host_model, policy="smoe_release", cache_slots=TOP_K + 2, costs="0.002,0.001")
+  result = engine.generate(PROMPTS, 12, MASK)
+  first, second = host_model.config.moe_layer_ids[:2]
+  prefetched = 0
+  for step in result.trace:
+    if step.kind != "decode":
+      continue
+    events = {ev.layer: ev for ev in step.layers}
+    before, after = events[first], events[second]
+    assert after.prefetch_loads <= 1
+    if before.demand_loads + before.cpu_experts == 0:
+      assert after.prefetch_loads == 0
+    prefetched += after.prefetch_loads
+  assert prefetched > 0
 
 
 def test_validation_errors(host_model, tiny_path, tmp_path):

@@ -76,3 +76,16 @@ def test_alpha_zero_is_lossless(family, policy):
   result = Engine(model, policy=policy, alpha=0.0, cache_slots=k).generate(prompts, NEW, mask)
   np.testing.assert_array_equal(result.tokens, tokens, err_msg=f"{name} / {policy}")
   np.testing.assert_allclose(result.logprobs, logp, atol=2e-4, err_msg=f"{name} / {policy}")
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_alpha_zero_is_lossless_in_a_shared_pool(family, policy):
+  """One pool of k slots for every MoE layer (cache_scope "global") on the grouped router (test_engine.py covers
+  Qwen2-MoE's softmax top-k)."""
+  name, model, tokens, logp, prompts, mask = family
+  if name != "deepseek_v2_grouped":
+    pytest.skip("the shared pool is checked on one grouped router")
+  k = model.config.num_experts_per_tok
+  result = Engine(model, policy=policy, alpha=0.0, cache_slots=k, cache_scope="global").generate(prompts, NEW, mask)
+  np.testing.assert_array_equal(result.tokens, tokens, err_msg=f"{name} / {policy}")
+  np.testing.assert_allclose(result.logprobs, logp, atol=2e-4, err_msg=f"{name} / {policy}")

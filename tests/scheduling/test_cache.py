@@ -194,3 +194,39 @@ def test_random_steps_match_reference(seed, policy):
     assert resident[before & (shield | want)].all()
     used = rng.random(num_experts) < 0.3
     state = observe(state, jnp.asarray(scores), jnp.asarray(used))
+
+
+def test_fifo_evicts_in_load_order_whatever_the_hits():
+  # Experts 0..3 loaded in slot order; expert 0 is then used (a hit) and 6 is wanted.
+  state = cache.init_cache_state(8, 4, initial_experts=[0, 1, 2, 3])
+  state = observe(state, jnp.full((1, 8), 0.125), mask(8, [0]))
+  new, adm = admit(state, mask(8, [6]), mask(8, []), policy="fifo", max_loads=1)
+  np.testing.assert_array_equal(adm.slots, [0])  # FIFO: the first loaded goes, the hit does not save it
+  _, adm = admit(state, mask(8, [6]), mask(8, []), policy="lru", max_loads=1)
+  np.testing.assert_array_equal(adm.slots, [1])  # LRU: the hit refreshed expert 0
+  # Expert 6 is now the newest: the next admissions evict 1, 2, 3 before it.
+  assert int(new.loaded_at[6]) == 4 and int(new.admissions) == 5
+  _, adm = admit(new, mask(8, [5, 7]), mask(8, []), policy="fifo", max_loads=2)
+  np.testing.assert_array_equal(adm.slots, [1, 2])
+
+
+def test_shared_pool_evicts_across_layers_and_shields_its_own():
+  # Two layers (groups) of 4 experts share 3 slots, holding (layer 0, expert 1), (layer 1, expert 2), (layer 0, 3).
+  state = cache.init_cache_state(4, 3, window=2, initial_experts=[1, 4 + 2, 3], num_groups=2)
+  np.testing.assert_array_equal(np.flatnonzero(cache.resident_mask(state, 0)), [1, 3])
+  np.testing.assert_array_equal(np.flatnonzero(cache.resident_mask(state, 1)), [2])
+  np.testing.assert_array_equal(cache.expert_slots(state, 1), [-1, -1, 1, -1])
+  # Layer 0 uses expert 1, then layer 1 uses expert 2: the LRU clock orders them, and (0, 3) is the oldest.
+  state = observe(state, jnp.full((1, 4), 0.25), mask(4, [1]), group=0)
+  state = observe(state, jnp.full((1, 4), 0.25), mask(4, [2]), group=1)
+  np.testing.assert_array_equal(state.last_used, [-1, 0, -1, -1, -1, -1, 1, -1])
+  assert state.hist_len.tolist() == [1, 1]
+  # Layer 1 wants expert 0: the victim is layer 0's expert 3 (never used); layer 1's expert 2 is shielded.
+  new, adm = admit(state, mask(4, [0]), mask(4, [2]), policy="lru", max_loads=1, group=1)
+  np.testing.assert_array_equal(adm.experts, [0])  # layer-local id
+  np.testing.assert_array_equal(adm.slots, [2])
+  np.testing.assert_array_equal(new.slot_expert, [1, 6, 4])
+  # With layer 0's expert 3 kept (in use by the layer before), the next oldest, (0, 1), goes instead.
+  keep = jnp.zeros(8, bool).at[3].set(True)
+  _, adm = admit(state, mask(4, [0]), mask(4, [2]), policy="lru", max_loads=1, group=1, keep=keep)
+  np.testing.assert_array_equal(adm.slots, [0])
