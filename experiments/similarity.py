@@ -22,7 +22,7 @@ def main(argv):
   del argv
   cfg = _CONFIG.value
   model, tokenizer = sweep.load_setup(cfg)
-  ids = speed.text_prompts(tokenizer, cfg.calibration_file, cfg.num_sequences, cfg.seq_len)
+  ids = speed.text_windows(tokenizer, cfg.calibration_file, cfg.num_sequences, cfg.seq_len)
   os.makedirs(cfg.out_dir, exist_ok=True)
   for i, source in enumerate(cfg.sources):
     logging.info("similarity %d/%d: %s", i + 1, len(cfg.sources), source)

@@ -123,6 +123,54 @@ class GenerationResult:
   routing: list[dict[int, LayerRouting]]
 
 
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+  """How `Engine.generate` decodes (pass the fields to `generate` as keywords).
+
+  Attributes:
+    forced_tokens: optional `[B, N]` tokens to feed instead of sampling
+      (teacher forcing: scoring sees exactly the decode path).
+    forced_mask: optional `[B, N]`, 0 where `forced_tokens` is padding (right
+      padding of shorter continuations). A decode step feeds token n of a row
+      as padding (ignored by scheduling, the cache and the stats) unless token
+      n + 1 is real, so each row runs exactly the steps its own continuation
+      needs; logprobs at padded positions are meaningless.
+    temperature: 0 for greedy; else sampling with `top_p` and `seed`.
+    top_p: nucleus sampling mass, in (0, 1].
+    seed: of the sampling key.
+    stop: optional `stop(tokens [B, n]) -> bool` called on the tokens emitted
+      so far; returning True ends decoding early (fewer than N). The host then
+      drives the steps.
+    run_stats: a `RunStats` to accumulate into across calls (default: a fresh
+      one); `stats`, `trace` and `routing` then cover every call.
+    cache_length: KV cache rows, >= T + N (default: T + N rounded up to a
+      power of two). Calls with different T + N but one cache_length share the
+      decode compilations.
+    forward_only: decode steps skip the LM head and sampling (the released
+      code's TPOT times the decoder's forward alone); needs `forced_tokens`,
+      and the log-probs are then meaningless.
+  """
+
+  forced_tokens: Any = None
+  forced_mask: Any = None
+  temperature: float = 0.0
+  top_p: float = 1.0
+  seed: int = 0
+  stop: Callable[[np.ndarray], bool] | None = None
+  run_stats: RunStats | None = None
+  cache_length: int | None = None
+  forward_only: bool = False
+
+
+def _with_overrides(options, overrides: dict, what: str):
+  """`options` (a frozen dataclass) with the fields in `overrides` replaced; unknown names raise TypeError."""
+  known = {f.name for f in dataclasses.fields(options)}
+  unknown = sorted(set(overrides) - known)
+  if unknown:
+    raise TypeError(f"{what} got unknown option(s) {unknown}; the options are {sorted(known)}.")
+  return dataclasses.replace(options, **overrides)
+
+
 _emit = jax.jit(sampling.emit, static_argnames=("temperature", "top_p"))
 _prng_key = jax.jit(jax.random.PRNGKey)
 
@@ -137,11 +185,7 @@ class Engine:
   """
 
   def __init__(self, model: Model, options: EngineOptions | None = None, **overrides):
-    known = {f.name for f in dataclasses.fields(EngineOptions)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-      raise TypeError(f"Engine got unknown option(s) {unknown}; the options are {sorted(known)}.")
-    opts = dataclasses.replace(options or EngineOptions(), **overrides)
+    opts = _with_overrides(options or EngineOptions(), overrides, "Engine")
     config = model.config
     if not config.moe_layer_ids:
       raise ValueError(f"The model ({config.model_type}) has no MoE layers; there is nothing to schedule.")
@@ -236,11 +280,12 @@ class Engine:
   # Steps
   # --------------------------------------------------------------------------
 
-  def _step_config(self, exact: bool, score: bool = False, routing: bool | None = None) -> StepConfig:
+  def _step_config(self, exact: bool, score: bool = False, routing: bool | None = None, head: bool = True
+                   ) -> StepConfig:
     return StepConfig(
         self._step_model, self._spec_key, self.options.substitute_weight, self.placements, exact=exact,
         warm=exact and not self.spec.static, score=score,
-        routing=self.options.record_routing if routing is None else routing)
+        routing=self.options.record_routing if routing is None else routing, head=head)
 
   def _record(self, run: RunStats, step: StepSummary, record: StepRecord, valid: np.ndarray, measured=None) -> None:
     """Adds one finished step (host arrays in `record`; valid `[N]` its real tokens) to `run`."""
@@ -250,11 +295,13 @@ class Engine:
                  for l, (e, t) in zip(self.config.moe_layer_ids, record.routing)}
     run.record_step(step, LayerCounters(*(np.asarray(c) for c in record.counters)), routing, measured)
 
-  def _step(self, state: DecodeState, batch: StepInput, kind: str, run: RunStats, score: bool = False,
-            routing: bool | None = None) -> tuple[Any, DecodeState]:
-    """One forward step of `batch` (host arrays), recorded into `run`; returns (head output, state)."""
-    exact = (kind == "prefill" and not self.options.policy_in_prefill) or self.spec.layerwise
-    cfg = self._step_config(exact, score, routing)
+  def _prefill_config(self, score: bool = False, routing: bool | None = None) -> StepConfig:
+    """A prompt's step: exact (every expert streamed in, warming the cache) unless `policy_in_prefill`."""
+    return self._step_config(not self.options.policy_in_prefill or self.spec.layerwise, score, routing)
+
+  def _step(self, state: DecodeState, batch: StepInput, cfg: StepConfig, kind: str,
+            run: RunStats) -> tuple[Any, DecodeState]:
+    """One forward step of `batch` (host arrays) as a `kind` step, recorded into `run`; returns (output, state)."""
     t0 = time.perf_counter()
     batch = jax.device_put(batch)
     measured: dict = {}
@@ -272,7 +319,7 @@ class Engine:
       out, state, record = self._programs[cfg](self.consts, state, batch)
     out, record = jax.device_get((out, record))
     valid = np.asarray(jax.device_get(batch.valid)).reshape(-1)
-    self._record(run, StepSummary(kind, int(valid.sum()), time.perf_counter() - t0, not exact), record, valid,
+    self._record(run, StepSummary(kind, int(valid.sum()), time.perf_counter() - t0, not cfg.exact), record, valid,
                  measured)
     return out, state
 
@@ -316,12 +363,20 @@ class Engine:
       if i == start.n - 1 or (stop is not None and stop(np.stack([e[0] for e in emitted], 1))):
         break
       batch = StepInput(token[:, None], start.positions + i, start.feed[:, i, None], np.int32(start.index + i))
-      logits, state = self._step(state, batch, "decode", run)
+      logits, state = self._step(state, batch, cfg.step, "decode", run)
     if not emitted:
       b = start.logits.shape[0]
       return np.zeros((b, 0), np.int32), np.zeros((b, 0), np.float32), np.zeros((b, 0), bool), state
     tokens, logps, greedy = (np.stack(a, 1) for a in zip(*emitted))
     return tokens, logps, greedy, state
+
+  def _resident(self, state: DecodeState):
+    """What the slots of `state` hold: {MoE layer: experts} per layer, or the keys of a shared pool."""
+    tables = jax.device_get([pool.table.slot_expert for pool in state.pools])
+    if self.options.cache_scope == "global":
+      return sorted(int(k) for k in tables[0] if k >= 0) if tables else []
+    return {l: sorted(int(e) for e in tables[p.pool] if e >= 0) for l, p in enumerate(self.placements)
+            if p is not None and p.residency == Residency.CACHED}
 
   # --------------------------------------------------------------------------
   # Static placement
@@ -332,7 +387,8 @@ class Engine:
     if self.static_ready:
       return
     run = self.new_run_stats()
-    self._step(self.state._replace(kv=self._empty_kv(*batch.ids.shape)), batch, "prefill", run, routing=True)
+    self._step(self.state._replace(kv=self._empty_kv(*batch.ids.shape)), batch, self._prefill_config(routing=True),
+               "prefill", run)
     counts = {l: np.bincount(r.experts.ravel(), minlength=self.config.num_experts) for l, r in run.routing[0].items()}
     self.reset(setup.most_used(counts, self.num_slots, self.options.cache_scope))
 
@@ -364,54 +420,31 @@ class Engine:
     self._maybe_calibrate_static(batch)
     self._calibrate_once(self.options.policy_in_prefill)
     run = self.new_run_stats() if run_stats is None else run_stats
-    (logp, greedy), state = self._step(self.state._replace(kv=self._empty_kv(*batch.ids.shape)), batch, "prefill",
-                                       run, score=True)
+    (logp, greedy), state = self._step(self.state._replace(kv=self._empty_kv(*batch.ids.shape)), batch,
+                                       self._prefill_config(score=True), "prefill", run)
     self.state = state._replace(kv=())
     return np.asarray(logp), np.asarray(greedy)
 
-  def generate(
-      self,
-      input_ids,
-      max_new_tokens: int,
-      attention_mask=None,
-      *,
-      forced_tokens=None,
-      forced_mask=None,
-      temperature: float = 0.0,
-      top_p: float = 1.0,
-      seed: int = 0,
-      stop: Callable[[np.ndarray], bool] | None = None,
-      run_stats: RunStats | None = None,
-      cache_length: int | None = None,
-  ) -> GenerationResult:
+  def generate(self, input_ids, max_new_tokens: int, attention_mask=None, decoding: Decoding | None = None,
+               **overrides) -> GenerationResult:
     """Decodes N tokens for a batch of B left-padded prompts.
 
     Args:
       input_ids: `[B, T]` prompts (left padded where attention_mask is 0).
       max_new_tokens: N.
       attention_mask: `[B, T]` 1 for real tokens.
-      forced_tokens: optional `[B, N]` tokens to feed instead of sampling
-        (teacher forcing: scoring sees exactly the decode path).
-      forced_mask: optional `[B, N]`, 0 where `forced_tokens` is padding (right
-        padding of shorter continuations). A decode step feeds token n of a
-        row as padding (ignored by scheduling, the cache and the stats) unless
-        token n + 1 is real, so each row runs exactly the steps its own
-        continuation needs; logprobs at padded positions are meaningless.
-      temperature: 0 for greedy; else sampling with `top_p` and `seed`.
-      stop: optional `stop(tokens [B, n]) -> bool` called on the tokens
-        emitted so far; returning True ends decoding early (fewer than N).
-      run_stats: a `RunStats` to accumulate into across calls (default: a
-        fresh one); `stats`, `trace` and `routing` then cover every call.
-      cache_length: KV cache rows, >= T + N (default: T + N rounded up to a
-        power of two). Calls with different T + N but one cache_length share
-        the decode compilations.
+      decoding / overrides: how to decode, a `Decoding` and / or its fields
+        as keywords (`forced_tokens`, `forced_mask`, `temperature`, `top_p`,
+        `seed`, `stop`, `run_stats`, `cache_length`).
 
     Returns:
       A `GenerationResult`.
     """
+    opts = _with_overrides(decoding or Decoding(), overrides, "generate")
+    forced_tokens, forced_mask, stop, cache_length = opts.forced_tokens, opts.forced_mask, opts.stop, opts.cache_length
     batch = self._prompt(input_ids, attention_mask)
     b, t = batch.ids.shape
-    max_new_tokens, temperature, top_p = validation.generation_options(max_new_tokens, temperature, top_p)
+    max_new_tokens, temperature, top_p = validation.generation_options(max_new_tokens, opts.temperature, opts.top_p)
     forced_tokens, forced_mask = validation.forced_batch(forced_tokens, forced_mask, batch=b,
                                                          max_new_tokens=max_new_tokens,
                                                          vocab_size=self.config.vocab_size)
@@ -422,13 +455,17 @@ class Engine:
       raise ValueError(f"cache_length={cache_length} is below prompt + new tokens = {t + max_new_tokens}.")
     self._maybe_calibrate_static(batch)
     self._calibrate_once(not self.spec.layerwise and (max_new_tokens > 1 or self.options.policy_in_prefill))
-    run = self.new_run_stats() if run_stats is None else run_stats
+    run = self.new_run_stats() if opts.run_stats is None else opts.run_stats
     # Bucketed cache length: calls of many sizes share the decode compilations.
     state = self.state._replace(kv=self._empty_kv(b, cache_length or bucket(t + max_new_tokens)))
-    logits, state = self._step(state, batch, "prefill", run)
-    start = DecodeInput(logits, np.uint32(seed), forced_tokens, feed,
+    logits, state = self._step(state, batch, self._prefill_config(), "prefill", run)
+    if self.options.record_routing and max_new_tokens > 1:
+      run.record_decode_start(self._resident(state))
+    start = DecodeInput(logits, np.uint32(validation.count(opts.seed, name="seed")), forced_tokens, feed,
                         batch.positions[:, -1:] + 1, np.int32(t), np.int32(max_new_tokens))
-    step = self._step_config(self.spec.layerwise)
+    if opts.forward_only and forced_tokens is None:
+      raise ValueError("forward_only=True times the decoder without its LM head, so it needs forced_tokens.")
+    step = self._step_config(self.spec.layerwise, head=not opts.forward_only)
     if max_new_tokens >= 2 and stop is None and not self.options.profile:  # the whole decode as one program
       length = bucket(max_new_tokens)
       pad = lambda a: None if a is None else np.pad(a, ((0, 0), (0, length - max_new_tokens)))

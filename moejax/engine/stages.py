@@ -122,17 +122,19 @@ def warm(policy: str, group: int, table, scores, valid, selected, weights, strea
   return cache.observe(table, scores, used, valid, group=group), fill_slots(weights, streamed, adm.experts, adm.slots)
 
 
-def experts(act: str, layer, h, x, weights, slots, late, mix, extra):
+def experts(act: str, provisional: bool, layer, h, x, weights, d: LayerDecision, extra):
   """Routed experts read from slot weights + shared experts + residual; h `[B, T, D]`, x `[N, D]`.
 
-  Returns (provisional, h): the provisional output holds the shared experts
-  and the device pairs not marked `late` `[N, k]` (the demand-loaded ones;
-  None: no pair is late); h adds the late pairs and `extra` `[N, D]` float32
-  (the CPU experts; None: nothing).
+  Returns (provisional, h). With `provisional`, the provisional output holds
+  the shared experts and the device pairs whose expert was resident before the
+  plan (not `d.demand`), and h adds the demand-loaded pairs after it; else the
+  two are one pass. h adds `extra` `[N, D]` float32 (the CPU experts; None:
+  nothing).
   """
-  routed = moe.routed_experts(x, weights, slots if late is None else jnp.where(late, -1, slots), mix, act)
+  slots, mix = d.slots, d.mix
+  routed = moe.routed_experts(x, weights, jnp.where(d.demand, -1, slots) if provisional else slots, mix, act)
   prov = layer.finish_moe(h, x, routed)
-  rest = [] if late is None else [moe.routed_experts(x, weights, jnp.where(late, slots, -1), mix, act)]
+  rest = [moe.routed_experts(x, weights, jnp.where(d.demand, slots, -1), mix, act)] if provisional else []
   rest += [] if extra is None else [extra]
   if not rest:
     return prov, prov
@@ -445,13 +447,15 @@ def forward(ops: StepOps, cfg: StepConfig, consts: StepConstants, state: DecodeS
       out = _scheduled_layer(ops, cfg, consts, l, pools, (x, scores), prefetched, valid)
     d = out.decision
     # Pairs whose expert was resident before the plan form the provisional output; demand loads join after it.
-    late = d.demand if _feeds_provisional(cfg, l) else None
-    prov, h = ops.run("experts", l, functools.partial(experts, config.hidden_act), layer, h, x, out.weights,
-                      d.slots, late, d.mix, out.extra)
+    prov, h = ops.run("experts", l, functools.partial(experts, config.hidden_act, _feeds_provisional(cfg, l)), layer,
+                      h, x, out.weights, d, out.extra)
     counters.append(d.counters)
     routing.append((d.experts, d.top))
     prev = _Previous(l, h_attention, x, prov, out.missed, _shared_pool_keys(cfg, pools, l, d, valid), False)
-  out = ops.run("head", None, functools.partial(head, cfg.score), ops.decoder, h, batch.ids)
+  if cfg.head:
+    out = ops.run("head", None, functools.partial(head, cfg.score), ops.decoder, h, batch.ids)
+  else:
+    out = jnp.zeros((h.shape[0], config.vocab_size), jnp.float32)
   record = StepRecord(LayerCounters.stack(counters), tuple(routing) if cfg.routing else None)
   return out, DecodeState(tuple(kv), tuple(pools)), record
 
@@ -531,7 +535,8 @@ def decode(ops: StepOps, cfg: DecodeConfig, consts: StepConstants, state: Decode
   init = (start.logits, jax.random.PRNGKey(start.seed), state)
   shapes = jax.eval_shape(forward_step, jnp.int32(0), init)[1]
 
-  def skip(_, carry):
+  def skip(i, carry):
+    del i  # steps past n - 1 pass the carry on
     return carry, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
   def scan_step(carry, i):

@@ -60,6 +60,8 @@ class StepConfig(NamedTuple):
   score: the head returns next-token log-probs of every position (else the
     last position's logits).
   routing: the step also returns the experts computed per pair.
+  head: compute the LM head (False: the step returns zero logits; for timing
+    the decoder's forward alone, with forced tokens).
   """
 
   config: MoEConfig
@@ -70,6 +72,7 @@ class StepConfig(NamedTuple):
   warm: bool = False
   score: bool = False
   routing: bool = False
+  head: bool = True
 
 
 class SlotPool(NamedTuple):

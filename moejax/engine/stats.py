@@ -140,6 +140,9 @@ class RunStats:
   Attributes:
     trace: per step a `StepTrace` (the estimator's input).
     routing: per step, with routing recorded, {MoE layer: `LayerRouting`}.
+    decode_starts: with routing recorded, per call that decodes, (index of
+      its first decode step in `routing`, the experts its slots held then:
+      {MoE layer: experts} for per-layer slots, or the keys of a shared pool).
     step_s: per kind, each step's wall seconds.
     totals: per kind, a `LayerCounters` of `[num_layers]` int64 arrays.
     times: per kind, seconds measured per stage name (profile mode).
@@ -149,6 +152,7 @@ class RunStats:
     self.config, self.facts, self.dtype_bytes = config, facts, dtype_bytes
     self.trace: list[StepTrace] = []
     self.routing: list[dict[int, LayerRouting]] = []
+    self.decode_starts: list[tuple[int, Any]] = []
     self.step_s: dict[str, list[float]] = {"prefill": [], "decode": []}
     zeros = LayerCounters(*(np.zeros(config.num_layers, np.int64) for _ in LayerCounters._fields))
     self.totals = {"prefill": zeros, "decode": zeros}
@@ -183,6 +187,10 @@ class RunStats:
         step=len(self.trace), tokens=tokens, kind=kind, layers=tuple(events), head_bytes=self.facts.head_bytes,
         wall_s=step.wall_s, dtype_bytes=self.dtype_bytes, hidden_size=self.config.hidden_size,
     ))
+
+  def record_decode_start(self, resident) -> None:
+    """Marks that the next recorded step starts a decode whose slots hold `resident` (see `decode_starts`)."""
+    self.decode_starts.append((len(self.routing), resident))
 
   def per_layer(self, kind: str = "decode") -> dict[str, list[int]]:
     """Every counter and the copied bytes, per decoder layer, summed over steps of `kind`."""

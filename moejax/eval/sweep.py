@@ -54,7 +54,7 @@ from moejax.scheduling.similarity import load_similarity
 from moejax.sim import PROFILES, get_profile
 
 # Config fields that enumerate points rather than describe the setup.
-GRID_FIELDS = ("policies", "alphas", "alpha")
+GRID_FIELDS = ("policies", "alphas", "alpha", "points", "scopes")
 # Config fields that say where rows go and where points run: a sweep resumes under other values.
 RUN_FIELDS = ("out", "backend", "ray")
 BACKENDS = ("local", "ray")
@@ -71,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
       "cache_slots": config_dict.placeholder(int),
       "cache_fraction": config_dict.placeholder(float),
       "cache_bytes": config_dict.placeholder(int),
+      "cache_scope": config_dict.placeholder(str),  # "layer" / "global" (one pool for every MoE layer); unset: policy's
       "window": 8,
       "substitute_weight": "own",
       "policy_in_prefill": False,
@@ -165,17 +166,25 @@ def check_config(cfg) -> None:
     if field in cfg:
       for name in [cfg[field]] if field == "policy" else cfg[field]:
         library_check([field], functools.partial(get_policy, name))
-  for field in ("alpha", "alphas"):
+  alphas = {"alpha": [cfg.get("alpha")], "alphas": cfg.get("alphas", ())}
+  if "points" in cfg:
+    for point in cfg.points:
+      if len(point) != 2:
+        raise fail("points", "give (policy, alpha) pairs.")
+      library_check(["points"], functools.partial(get_policy, point[0]))
+    alphas["points"] = [alpha for _, alpha in cfg.points]
+  for field, values in alphas.items():
     if field in cfg:
-      for alpha in [cfg[field]] if field == "alpha" else cfg[field]:
+      for alpha in values:
         if not (_is_real(alpha) and alpha >= 0):
           raise fail(field, f"alpha {alpha!r} is not a number >= 0; alpha = 0 computes the model exactly, "
                      "larger alphas substitute more.")
 
-  cache = ["engine.cache_slots", "engine.cache_fraction", "engine.cache_bytes"]
-  library_check(cache, lambda: resolve_cache_slots(config, cache_slots=cfg.engine.cache_slots,
-                                                   cache_fraction=cfg.engine.cache_fraction,
-                                                   cache_bytes=cfg.engine.cache_bytes, dtype_bytes=dtype.itemsize))
+  cache = ["engine.cache_slots", "engine.cache_fraction", "engine.cache_bytes", "engine.cache_scope"]
+  for scope in cfg.get("scopes", ()) or [cfg.engine.cache_scope or "layer"]:
+    library_check(cache + ["scopes"] * ("scopes" in cfg), lambda: resolve_cache_slots(
+        config, cache_slots=cfg.engine.cache_slots, cache_fraction=cfg.engine.cache_fraction,
+        cache_bytes=cfg.engine.cache_bytes, dtype_bytes=dtype.itemsize, scope=scope))
   library_check(["engine.costs"], lambda: costs.resolve_costs(cfg.engine.costs, config))
   count("engine.window", 1)
   if cfg.engine.substitute_weight not in SUBSTITUTE_WEIGHTS:
@@ -236,9 +245,10 @@ def load_setup(cfg) -> tuple[moejax.Model, Any]:
 
 
 def measure_speed(engine: Engine, tokenizer, speed_cfg) -> dict[str, Any]:
-  """`speed.measure_decode` on prompts cut from the config's prompt file."""
-  prompts = speed.text_prompts(tokenizer, speed_cfg.prompt_file, speed_cfg.num_prompts, speed_cfg.prompt_len)
-  return speed.measure_decode(engine, prompts, speed_cfg.new_tokens, batch=speed_cfg.batch,
+  """`speed.measure_decode` on windows of the config's prompt file: each prompt's continuation is teacher-forced."""
+  windows = speed.text_windows(tokenizer, speed_cfg.prompt_file, speed_cfg.num_prompts,
+                               speed_cfg.prompt_len + speed_cfg.new_tokens)
+  return speed.measure_decode(engine, windows, speed_cfg.prompt_len, batch=speed_cfg.batch,
                               profiles=tuple(speed_cfg.profiles), target_dtype_bytes=speed_cfg.target_dtype_bytes)
 
 
@@ -269,8 +279,16 @@ def measure_accuracy(engine: Engine, tokenizer, acc) -> dict[str, Any]:
 
 
 def evaluate_point(model: moejax.Model, tokenizer, cfg, point: Mapping[str, Any]) -> dict[str, Any]:
-  """Speed and accuracy of one {"policy", "alpha"} point of a setup."""
-  engine = Engine(model, policy=point["policy"], alpha=point["alpha"], **engine_options(cfg.engine))
+  """Speed and accuracy of one {"policy", "alpha"[, "cache_scope"]} point of a setup.
+
+  The speed run records the routing, so the row also has the distinct experts
+  per layer, their reuse, and the oracle bounds at this cache size
+  (`speed.routing_figures`).
+  """
+  options = engine_options(cfg.engine) | {"record_routing": True}
+  if point.get("cache_scope"):
+    options["cache_scope"] = point["cache_scope"]
+  engine = Engine(model, policy=point["policy"], alpha=point["alpha"], **options)
   measured = measure_speed(engine, tokenizer, cfg.speed)
   measured.pop("trace")
   measured["measured"].pop("per_layer")

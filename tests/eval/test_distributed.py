@@ -25,6 +25,7 @@ import moejax.eval
 from moejax.eval import sweep
 from moejax.eval.tasks import PARAGRAPHS_PATH
 from tests.eval.test_configs import ROOT, load
+from tests.eval.test_sweep import comparable
 
 REPO = pathlib.Path(__file__).parents[2]
 POINTS = [{"policy": "smoe", "alpha": a} for a in (0.0, 0.1, 0.2, 0.3)]
@@ -44,7 +45,6 @@ TINY = (
   "--config.accuracy.perplexity_max_tokens=16",
   "--config.accuracy.batch_size=2",
 )  # the model is the shipped one; its costs default to a hardware profile, so rows repeat exactly
-WALL_CLOCK = ("tpot_s", "ttft_s", "times_s")  # measured fields that vary from run to run
 
 
 @pytest.fixture(scope="module")
@@ -98,15 +98,6 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> None:
     proc.kill()
   if proc.returncode != 0:
     pytest.fail(f"{proc.args} exited with {proc.returncode}:\n{proc.log.read_text()[-5000:]}")
-
-
-def comparable(row) -> str:
-  """A row without its wall-clock fields, as JSON (NaN compares equal to NaN)."""
-  row = json.loads(json.dumps(row))
-  del row["finished_at"]
-  for key in WALL_CLOCK:
-    del row["result"]["speed"]["measured"][key]
-  return json.dumps(row, sort_keys=True)
 
 
 def test_ray_writes_the_rows_local_writes(ray_address, env, tmp_path):

@@ -53,6 +53,28 @@ def test_sweep_resumes_after_a_crash(eval_path, tmp_path, monkeypatch):
   assert len(sweep.summary_table(rows).splitlines()) == 4
 
 
+WALL_CLOCK = ("tpot_s", "ttft_s", "times_s")  # measured fields that vary from run to run
+
+
+def comparable(row) -> str:
+  """A row without its wall-clock fields, as JSON (NaN compares equal to NaN)."""
+  row = json.loads(json.dumps(row))
+  del row["finished_at"]
+  for key in WALL_CLOCK:
+    del row["result"]["speed"]["measured"][key]
+  return json.dumps(row, sort_keys=True)
+
+
+def test_the_same_setup_twice_writes_the_same_rows(eval_path, tmp_path):
+  """With fixed load/CPU costs (the sweep default), accuracy and every count repeat exactly."""
+  rows = []
+  for name in ("first", "second"):
+    cfg = tiny_config(eval_path, tmp_path / f"{name}.jsonl")
+    rows.append([comparable(r) for r in sweep.sweep(cfg, POINTS[1:])])
+  assert rows[0] == rows[1]
+  assert json.loads(rows[0][0])["setup"]["engine"]["costs"] == "rtx4060ti_16gb"
+
+
 def test_results_file_sets_aside_an_unfinished_line_and_checks_the_setup(tmp_path):
   path = tmp_path / "r.jsonl"
   results = sweep.ResultsFile(path, {"model": "a"})
