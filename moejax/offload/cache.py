@@ -46,11 +46,11 @@ write_slots = jax.jit(fill_slots, donate_argnums=0)
 
 
 def empty_slots(config: MoEConfig, num_slots: int, dtype, device=None) -> ExpertWeights:
-  """Zeroed slot buffers for one layer: gate/up `[S, D, F]`, down `[S, F, D]`."""
+  """Zeroed slot buffers for one layer: gate/up `[S, F, D]`, down `[S, D, F]`."""
   d, f = config.hidden_size, config.moe_intermediate_size
   with jax.default_device(device or jax.devices()[0]):
     return ExpertWeights(
-        jnp.zeros((num_slots, d, f), dtype), jnp.zeros((num_slots, d, f), dtype), jnp.zeros((num_slots, f, d), dtype)
+        jnp.zeros((num_slots, f, d), dtype), jnp.zeros((num_slots, f, d), dtype), jnp.zeros((num_slots, d, f), dtype)
     )
 
 

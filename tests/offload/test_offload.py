@@ -14,7 +14,7 @@ E, D, F = 6, 8, 5
 
 def _layer(seed=0):
   rng = np.random.default_rng(seed)
-  return ExpertWeights(*(rng.standard_normal(s).astype(np.float32) for s in ((E, D, F), (E, D, F), (E, F, D))))
+  return ExpertWeights(*(rng.standard_normal(s).astype(np.float32) for s in ((E, F, D), (E, F, D), (E, D, F))))
 
 
 def test_store_keeps_experts_in_pinned_host_memory():
@@ -42,14 +42,14 @@ def test_write_slots_copies_given_experts_and_skips_padding():
 
 
 def _numpy_experts(x, layer, experts, mix, on_cpu):
-  """Brute force: sum over marked pairs of mix * down(silu(x gate) * (x up))."""
+  """Brute force: sum over marked pairs of mix * down(silu(gate x) * (up x)), weights `[out, in]`."""
   out = np.zeros(x.shape, np.float64)
   for n in range(x.shape[0]):
     for j in range(experts.shape[1]):
       if on_cpu[n, j]:
         g, u, d = (a[experts[n, j]].astype(np.float64) for a in layer)
-        a = x[n] @ g
-        out[n] += mix[n, j] * ((a / (1 + np.exp(-a))) * (x[n] @ u)) @ d
+        a = g @ x[n]
+        out[n] += mix[n, j] * d @ ((a / (1 + np.exp(-a))) * (u @ x[n]))
   return out
 
 
