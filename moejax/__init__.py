@@ -2,7 +2,8 @@
 
 from moejax.assets import default_model_path
 from moejax.checkpoints.loader import load
+from moejax.models.compile import enable_compilation_cache
 from moejax.models.config import MoEConfig, from_hf_config
 from moejax.models.model import Model
 
-__all__ = ["load", "default_model_path", "Model", "MoEConfig", "from_hf_config"]
+__all__ = ["MoEConfig", "Model", "default_model_path", "enable_compilation_cache", "from_hf_config", "load"]

@@ -26,11 +26,21 @@ from moejax.models.layers import MLP, Linear, activation, linear
 
 
 class ExpertWeights(NamedTuple):
-  """Stacked routed-expert weights: gate `[S, F, D]`, up `[S, F, D]`, down `[S, D, F]` (`[out, in]` per expert)."""
+  """Stacked routed-expert weights: gate `[S, F, D]`, up `[S, F, D]`, down `[S, D, F]` (`[out, in]` per expert).
+
+  In device cache slots, bfloat16 weights are held as their uint16 bit
+  patterns (see `moejax.offload.cache`); `expert` reads either.
+  """
 
   gate: jax.Array
   up: jax.Array
   down: jax.Array
+
+
+def expert(weights: ExpertWeights, slot: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The (gate `[F, D]`, up `[F, D]`, down `[D, F]`) of one slot; uint16 buffers are read as bfloat16."""
+  out = (jax.lax.dynamic_index_in_dim(w, slot, keepdims=False) for w in weights)
+  return tuple(jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a for a in out)
 
 
 class Router(nnx.Module):
@@ -134,12 +144,26 @@ def routed_experts(
   n, k = slots.shape
   if n * k > _PAIRWISE_MAX:
     return _grouped_experts(x, weights, slots, mix, act)
-  flat_slots, flat_mix = slots.reshape(-1), mix.reshape(-1).astype(jnp.float32)
+  return pairwise_experts(x, weights, slots, mix, act)
+
+
+def pairwise_experts(
+    x: jax.Array, weights: ExpertWeights, slots: jax.Array, mix: jax.Array, act: str = "silu"
+) -> jax.Array:
+  """`routed_experts` one pair at a time (the decode path): a loop of one-row products over the pairs.
+
+  Same arguments and result as `routed_experts`. Each pair reads its expert's
+  weights (skipped pairs read none); pairs run in slot order, so consecutive
+  pairs of one expert find its weights still in the CPU's caches.
+  """
+  n, k = slots.shape
+  flat_slots, token, flat_mix = jax.lax.sort(
+      (slots.reshape(-1), jnp.arange(n * k, dtype=jnp.int32) // k, mix.reshape(-1).astype(jnp.float32)), num_keys=1)
 
   def add_one(p, out):
-    g, u, d = (jax.lax.dynamic_index_in_dim(w, flat_slots[p], keepdims=False) for w in weights)
-    y = _expert_ffn(jax.lax.dynamic_slice_in_dim(x, p // k, 1), g, u, d, act).astype(jnp.float32)
-    return out.at[p // k].add(flat_mix[p] * y[0])
+    g, u, d = expert(weights, flat_slots[p])
+    y = _expert_ffn(jax.lax.dynamic_slice_in_dim(x, token[p], 1), g, u, d, act).astype(jnp.float32)
+    return out.at[token[p]].add(flat_mix[p] * y[0])
 
   def maybe_add(p, out):  # skipped pairs read no weights
     return jax.lax.cond(flat_slots[p] >= 0, add_one, lambda _, o: o, p, out)
@@ -177,7 +201,7 @@ def _grouped_experts(x: jax.Array, weights: ExpertWeights, slots: jax.Array, mix
 
   def one_block(b, ys):
     s = block_slot[b]
-    g, u, d = (jax.lax.dynamic_index_in_dim(w, s, keepdims=False) for w in weights)
+    g, u, d = expert(weights, s)
     y = _expert_ffn(jax.lax.dynamic_slice_in_dim(xs, b * block, block), g, u, d, act).astype(jnp.float32)
     return jax.lax.dynamic_update_slice_in_dim(ys, y, b * block, 0)
 
