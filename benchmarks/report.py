@@ -139,8 +139,8 @@ def scale_section(r: dict) -> list[str]:
   intro = (f"`python benchmarks/scale.py` ({_machine(r)}; {r['threads']} threads everywhere; random checkpoints with "
            f"real expert sizes written by transformers' `save_pretrained`; decode of {r['new_tokens']} teacher-forced "
            f"held-out tokens after a {r['prompt_tokens']}-token prompt, batch 1; moejax with "
-           f"`XLA_FLAGS={r['xla_flags']}`). Peak RSS is each case's own process (load: the peak while loading, over the "
-           "weights, or for lru/smoe over checkpoint + device cache); compile = first `generate` minus a warm one; "
+           f"`XLA_FLAGS={r['xla_flags']}`). Peak RSS is each case's own process (load: the peak while loading, over "
+           "the weights, or for lru/smoe over checkpoint + device cache); compile = first `generate` minus a warm one; "
            "routing: distinct experts per layer / reuse (share of a token's experts the previous token also used) "
            "over the run's tokens. This machine is shared: each row's JSON carries the load average before it ran.")
   out = [intro, ""]
@@ -188,7 +188,8 @@ def scale_section(r: dict) -> list[str]:
   if cache:
     out += ["", "Compilation with JAX's persistent cache (`moejax.enable_compilation_cache` / "
             "`JAX_COMPILATION_CACHE_DIR`), the resident case twice from an empty cache: "
-            + ", ".join(f"{c['compilation_cache']} {c['compile_s']:.1f} s" for c in cache if c.get("compile_s") is not None)
+            + ", ".join(f"{c['compilation_cache']} {c['compile_s']:.1f} s" for c in cache
+                        if c.get("compile_s") is not None)
             + "."]
   prompt = r.get("prompt_rows", [])
   if prompt:
@@ -196,13 +197,15 @@ def scale_section(r: dict) -> list[str]:
     rows = []
     for dtype in sorted({p["dtype"] for p in prompt}):
       ours = next((p for p in prompt if p["dtype"] == dtype and p.get("impl") == "moejax" and "prompt_s" in p), None)
-      hf = next((p for p in prompt if p["dtype"] == dtype and p.get("impl") == "transformers" and "prompt_s" in p), None)
+      hf = next((p for p in prompt if p["dtype"] == dtype and p.get("impl") == "transformers" and "prompt_s" in p),
+                None)
       if ours is None or hf is None:
         continue
       for shape in ours["prompt_s"]:
         rows.append([prompt[0]["model"], dtype, shape, _ms(ours["prompt_s"][shape]), _ms(hf["prompt_s"][shape]),
                      f"{ours['prompt_s'][shape] / hf['prompt_s'][shape]:.2f}x"])
-    out += _table(["model", "dtype", "batch x tokens", "moejax (ms)", "transformers (ms)", "moejax / transformers"], rows)
+    out += _table(["model", "dtype", "batch x tokens", "moejax (ms)", "transformers (ms)", "moejax / transformers"],
+                  rows)
   return out + [""]
 
 

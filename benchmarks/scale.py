@@ -45,27 +45,28 @@ import tempfile
 import time
 
 import numpy as np
-from common import CACHE, build_random_checkpoint, write_report
+from common import CACHE, build_random_checkpoint, routing_spread, write_report
 
 SCALE_CACHE = os.path.join(CACHE, "scale")
 VOCAB = 4096  # the shipped tokenizer's: held-out text drives the decode, llama.cpp converts with it
-_QWEN_A27B = dict(
-    model_type="qwen2_moe", vocab_size=VOCAB, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
-    shared_expert_intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16, num_experts=60,
-    num_experts_per_tok=4, norm_topk_prob=False, max_position_embeddings=8192, rope_theta=1000000.0,
-    rms_norm_eps=1e-6, qkv_bias=True, tie_word_embeddings=False,
-)
+_QWEN_A27B = {
+    "model_type": "qwen2_moe", "vocab_size": VOCAB, "hidden_size": 2048, "intermediate_size": 5632,
+    "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632, "num_attention_heads": 16,
+    "num_key_value_heads": 16, "num_experts": 60, "num_experts_per_tok": 4, "norm_topk_prob": False,
+    "max_position_embeddings": 8192, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "qkv_bias": True,
+    "tie_word_embeddings": False,
+}
 MODELS = {
     "qwen_a27b_2l": {**_QWEN_A27B, "num_hidden_layers": 2},
     "qwen_a27b_4l": {**_QWEN_A27B, "num_hidden_layers": 4},
-    "dsv2_lite_2l": dict(
-        model_type="deepseek_v2", vocab_size=VOCAB, hidden_size=2048, intermediate_size=10944,
-        moe_intermediate_size=1408, num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=16,
-        q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-        n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=0,
-        topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0, max_position_embeddings=4096,
-        rms_norm_eps=1e-6, tie_word_embeddings=False,
-    ),
+    "dsv2_lite_2l": {
+        "model_type": "deepseek_v2", "vocab_size": VOCAB, "hidden_size": 2048, "intermediate_size": 10944,
+        "moe_intermediate_size": 1408, "num_hidden_layers": 2, "num_attention_heads": 16, "num_key_value_heads": 16,
+        "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+        "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6, "first_k_dense_replace": 0,
+        "topk_method": "greedy", "norm_topk_prob": False, "routed_scaling_factor": 1.0, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+    },
     # A few MB, for the dry run of gpu_check.sh (not one of the measured shapes).
     "tiny": {**_QWEN_A27B, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
              "shared_expert_intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 4,
@@ -117,17 +118,6 @@ def _reset_peak() -> int:
   return _memory()["VmRSS"]
 
 
-def _routing_spread(routing: list[dict], k: int) -> dict:
-  """Per MoE layer over the run's tokens (prompt, then decode): distinct experts, and reuse, the mean share of a
-  token's k experts that the token before also used (1.0: routing that repeats itself; ~k / E if independent)."""
-  out = {}
-  for l in sorted({l for step in routing for l in step}):
-    seq = np.concatenate([np.asarray(step[l]) for step in routing if l in step])  # [T, k]
-    shared = [len(set(seq[t].tolist()) & set(seq[t - 1].tolist())) / k for t in range(1, len(seq))]
-    out[str(l)] = {"distinct": len(np.unique(seq)), "reuse": float(np.mean(shared))}
-  return out
-
-
 def case_engine(path: str, dtype: str, policy: str) -> dict:
   """moejax `Engine` with `policy` (resident: experts loaded to the device; else host, cache_fraction 0.25)."""
   start = _memory()["VmRSS"]
@@ -174,7 +164,7 @@ def case_engine(path: str, dtype: str, policy: str) -> dict:
       "device_cache_bytes": cache, "compile_s": first_s - warm_s, "ttft_s": s["ttft_s"], "tpot_s": s["tpot_s"],
       "tpot_runs_s": [r.stats["tpot_s"] for _, r in runs], "hit_ratio": s["hit_ratio"],
       "bytes_to_device": s["bytes_to_device"], "cpu_experts": s["cpu_experts"],
-      "routing": _routing_spread(result.routing, model.config.num_experts_per_tok),
+      "routing": routing_spread(result.routing, model.config.num_experts_per_tok),
   }
 
 
@@ -329,7 +319,7 @@ def in_subprocess(case: dict) -> dict:
     env["JAX_COMPILATION_CACHE_DIR"] = case["compilation_cache"]
   load = os.getloadavg()[0]  # this machine is shared: the 1-minute load average before the case, as a noise marker
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--case", json.dumps(case)], env=env,
-                        capture_output=True, text=True)
+                        capture_output=True, text=True, check=False)
   if proc.returncode:
     errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error:" in line]
     return {"error": (errors or [f"exit {proc.returncode}"])[-1].strip()[:300]}
@@ -365,6 +355,10 @@ def goals(rows: list[dict], prompt_rows: list[dict]) -> list[dict]:
     elif r["policy"] == "lru":
       goal(f"Engine.from_pretrained peak RSS / (checkpoint + device cache) ({r['model']}, {r['dtype']})",
            r["peak_load_rss_ratio"], 1.15, "peak RSS growth of load + engine over checkpoint bytes + device cache")
+  for model in sorted({r["model"] for r in rows}):
+    bf16, f32 = (_row(rows, model=model, dtype=d, impl="moejax", policy="resident") for d in ("bfloat16", "float32"))
+    goal(f"resident decode TPOT bf16 / f32 ({model})", bf16["tpot_s"] / f32["tpot_s"] if bf16 and f32 else None, 1.0,
+         "a bf16 model decodes at least as fast as the same model in f32")
   for dtype, bound_llama in (("float32", 1.2), ("bfloat16", 1.5)):
     res = _row(rows, model="qwen_a27b_2l", dtype=dtype, impl="moejax", policy="resident")
     llama = next((r for r in rows if r.get("model") == "qwen_a27b_2l" and r.get("dtype") == dtype

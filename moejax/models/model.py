@@ -121,7 +121,8 @@ class Model:
     ids, mask = _as_batch(input_ids, attention_mask)
     caches = self.init_caches(ids.shape[0], ids.shape[1])
     forward, _ = _programs()
-    logits, _ = forward(self.graphdef, self.state, self.experts_on_device(), ids, prompt_positions(mask), mask, caches, 0)
+    experts = self.experts_on_device()
+    logits, _ = forward(self.graphdef, self.state, experts, ids, prompt_positions(mask), mask, caches, 0)
     return logits
 
   def generate(self, input_ids, max_new_tokens: int, attention_mask=None) -> np.ndarray:

@@ -182,7 +182,7 @@ def _grouped_experts(x: jax.Array, weights: ExpertWeights, slots: jax.Array, mix
   """
   n, k = slots.shape
   num_slots, pairs = weights.gate.shape[0], n * k
-  block = int(min(64, max(8, 1 << max(0, math.ceil(pairs / num_slots) - 1).bit_length())))
+  block = min(64, max(8, 1 << max(0, math.ceil(pairs / num_slots) - 1).bit_length()))
   n_blocks = -(-pairs // block) + min(num_slots, pairs)
   flat = slots.reshape(-1)
   valid = flat >= 0
