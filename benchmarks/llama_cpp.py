@@ -111,8 +111,11 @@ def bench(gguf: str, *, threads: int, prompt_tokens: int = 16, new_tokens: int =
   out = subprocess.run(
       [build_llama_bench(cache), "-m", gguf, "-t", str(threads), "-p", str(prompt_tokens), "-n", str(new_tokens),
        "-r", str(repeats), "-o", "json"],
-      capture_output=True, text=True, check=True,
+      capture_output=True, text=True, check=False,
   )
+  if out.returncode:
+    errors = [line for line in out.stderr.splitlines() if "error" in line]
+    raise RuntimeError(f"llama-bench failed on {os.path.basename(gguf)}: {' | '.join(errors[-2:]) or out.returncode}")
   rows = json.loads(out.stdout)
   (pp,) = [r for r in rows if r["n_prompt"] > 0]
   (tg,) = [r for r in rows if r["n_gen"] > 0]

@@ -148,10 +148,14 @@ def scale_section(r: dict) -> list[str]:
   if goals:
     out.append("Goals of the issue in this run:")
     out.append("")
+    busy = 0.75 * r["machine"]["cpus"]  # a load average above this: other processes held the cores
     for g in goals:
       state = "not measured" if g["met"] is None else ("met" if g["met"] else "**not met**")
       value = "-" if g["value"] is None else f"{g['value']:.2f}"
-      out.append(f"- {g['goal']}: {value} (goal <= {g['bound']}): {state}")
+      load = g.get("load_average")
+      noisy = (f" (measured at load average {load:.1f} on {r['machine']['cpus']} cores: re-measure on a quiet "
+               "machine before relying on it)") if load is not None and load > busy else ""
+      out.append(f"- {g['goal']}: {value} (goal <= {g['bound']}): {state}{noisy}")
     out.append("")
   rows = []
   for row in r["rows"]:
@@ -170,10 +174,11 @@ def scale_section(r: dict) -> list[str]:
         + (f" ({row['peak_load_rss_ratio']:.2f}x)" if "peak_load_rss_ratio" in row else ""),
         f"{row['compile_s']:.1f}" if "compile_s" in row else "-", _ms(row.get("ttft_s")), _ms(row.get("tpot_s")),
         f"{row['hit_ratio']:.2f}" if "hit_ratio" in row else "-",
-        f"{row['bytes_to_device'] / 1e6 / r['new_tokens']:.0f}" if "bytes_to_device" in row else "-", spread,
+        f"{row['bytes_to_device'] / 1e6 / row.get('decode_steps', r['new_tokens']):.0f}"
+        if "bytes_to_device" in row else "-", spread,
     ])
   out += _table(["model", "dtype", "implementation", "load (s)", "peak load RSS (GB)", "compile (s)", "TTFT (ms)",
-                 "TPOT (ms)", "hit ratio", "MB copied / token", "routing (distinct/reuse per layer)"], rows)
+                 "TPOT (ms)", "hit ratio", "MB copied / step", "routing (distinct/reuse per layer)"], rows)
   paths = [row for row in r["rows"] if row.get("impl") == "expert paths"]
   if paths:
     text = ("Per-byte speed of one token's k experts (median of alternated runs, GB/s of expert weights; "

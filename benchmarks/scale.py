@@ -163,7 +163,7 @@ def case_engine(path: str, dtype: str, policy: str) -> dict:
       "weight_bytes": weights,
       "device_cache_bytes": cache, "compile_s": first_s - warm_s, "ttft_s": s["ttft_s"], "tpot_s": s["tpot_s"],
       "tpot_runs_s": [r.stats["tpot_s"] for _, r in runs], "hit_ratio": s["hit_ratio"],
-      "bytes_to_device": s["bytes_to_device"], "cpu_experts": s["cpu_experts"],
+      "bytes_to_device": s["bytes_to_device"], "decode_steps": s["decode_steps"], "cpu_experts": s["cpu_experts"],
       "routing": routing_spread(result.routing, model.config.num_experts_per_tok),
   }
 
@@ -321,7 +321,7 @@ def in_subprocess(case: dict) -> dict:
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--case", json.dumps(case)], env=env,
                         capture_output=True, text=True, check=False)
   if proc.returncode:
-    errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error:" in line]
+    errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]
     return {"error": (errors or [f"exit {proc.returncode}"])[-1].strip()[:300]}
   return {**json.loads(proc.stdout.strip().splitlines()[-1]), "load_average": load}
 
@@ -342,9 +342,11 @@ def goals(rows: list[dict], prompt_rows: list[dict]) -> list[dict]:
   """Each goal of the issue with its number and met / not met (None: not measured in this run)."""
   out = []
 
-  def goal(name, value, bound, detail):
+  def goal(name, value, bound, detail, *compared):
+    """`compared`: the rows a speed ratio comes from; their highest load average is recorded with it."""
+    loads = [r["load_average"] for r in compared if r and r.get("load_average") is not None]
     out.append({"goal": name, "value": value, "bound": bound, "met": None if value is None else value <= bound,
-                "detail": detail})
+                "detail": detail, "load_average": max(loads) if loads else None})
 
   for r in rows:
     if r.get("impl") != "moejax" or "error" in r:
@@ -358,7 +360,7 @@ def goals(rows: list[dict], prompt_rows: list[dict]) -> list[dict]:
   for model in sorted({r["model"] for r in rows}):
     bf16, f32 = (_row(rows, model=model, dtype=d, impl="moejax", policy="resident") for d in ("bfloat16", "float32"))
     goal(f"resident decode TPOT bf16 / f32 ({model})", bf16["tpot_s"] / f32["tpot_s"] if bf16 and f32 else None, 1.0,
-         "a bf16 model decodes at least as fast as the same model in f32")
+         "a bf16 model decodes at least as fast as the same model in f32", bf16, f32)
   for dtype, bound_llama in (("float32", 1.2), ("bfloat16", 1.5)):
     res = _row(rows, model="qwen_a27b_2l", dtype=dtype, impl="moejax", policy="resident")
     llama = next((r for r in rows if r.get("model") == "qwen_a27b_2l" and r.get("dtype") == dtype
@@ -366,23 +368,23 @@ def goals(rows: list[dict], prompt_rows: list[dict]) -> list[dict]:
     hf = _row(rows, model="qwen_a27b_2l", dtype=dtype, impl="transformers")
     tpot = res and res["tpot_s"]
     goal(f"resident decode TPOT / llama.cpp (qwen_a27b_2l, {dtype})",
-         tpot / llama["tpot_s"] if tpot and llama else None, bound_llama, "batch 1")
+         tpot / llama["tpot_s"] if tpot and llama else None, bound_llama, "batch 1", res, llama)
     goal(f"resident decode TPOT / transformers (qwen_a27b_2l, {dtype})",
-         tpot / hf["tpot_s"] if tpot and hf else None, 0.8, "batch 1")
+         tpot / hf["tpot_s"] if tpot and hf else None, 0.8, "batch 1", res, hf)
     for name in ("lru", "smoe"):
       off = _row(rows, model="qwen_a27b_2l", dtype=dtype, impl="moejax", policy=name)
       goal(f"{name} E/4 decode TPOT / resident (qwen_a27b_2l, {dtype})",
-           off["tpot_s"] / tpot if off and tpot else None, 1.5, "routing per the row's distinct/reuse")
+           off["tpot_s"] / tpot if off and tpot else None, 1.5, "routing per the row's distinct/reuse", off, res)
   for dtype in DTYPES:
     paths = _row(rows, model="qwen_a27b_2l", dtype=dtype, impl="expert paths")
     goal(f"resident experts GB/s / CPU experts GB/s (qwen_a27b_2l, {dtype})",
          paths["GBps"]["resident"] / paths["GBps"]["cpu"] if paths else None, 1.0,
-         "same per-byte speed: <= 1.0 (medians of alternated runs; see the row's spread)")
+         "same per-byte speed: <= 1.0 (medians of alternated runs; see the row's spread)", paths)
     ours = _row(prompt_rows, dtype=dtype, impl="moejax")
     hf = _row(prompt_rows, dtype=dtype, impl="transformers")
     for shape in (f"{b}x{t}" for b, t in PROMPT_SHAPES):
       goal(f"prompt pass {shape} / transformers (qwen_a27b_2l, {dtype})",
-           ours["prompt_s"][shape] / hf["prompt_s"][shape] if ours and hf else None, 1.0, "batch x tokens")
+           ours["prompt_s"][shape] / hf["prompt_s"][shape] if ours and hf else None, 1.0, "batch x tokens", ours, hf)
   return out
 
 
@@ -451,7 +453,8 @@ def main():
   for g in checks:
     state = "not measured" if g["met"] is None else ("met" if g["met"] else "NOT MET")
     value = "-" if g["value"] is None else f"{g['value']:.2f}"
-    print(f"{state:12s} {g['goal']}: {value} (bound {g['bound']})")
+    load = "" if g["load_average"] is None else f", load average {g['load_average']:.1f}"
+    print(f"{state:12s} {g['goal']}: {value} (bound {g['bound']}{load})")
   write_report("scale", args.out, threads=args.threads, prompt_tokens=PROMPT, new_tokens=NEW, xla_flags=XLA_FLAGS,
                models=MODELS, rows=rows, prompt_rows=prompt_rows, compilation_cache_rows=cache_rows, goals=checks,
                extra_versions={"transformers": transformers.__version__, "torch": torch.__version__})
