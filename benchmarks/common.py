@@ -12,25 +12,74 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+CACHE = os.path.expanduser("~/.cache/moejax")
+
 # The ~128M-parameter random Qwen2-MoE of the benchmarks: 8 layers, 32 experts, top-4, hidden 512.
 BENCH_CONFIG = dict(
-    vocab_size=16384, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
+    model_type="qwen2_moe", vocab_size=16384, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
     shared_expert_intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
     num_experts=32, num_experts_per_tok=4, norm_topk_prob=False, max_position_embeddings=2048,
 )
-DEFAULT_CHECKPOINT = os.path.expanduser("~/.cache/moejax/bench_qwen2_moe_128m")
+# v2: built by `build_random_checkpoint` (routing that moves); the v1 checkpoint's routing collapsed.
+DEFAULT_CHECKPOINT = os.path.join(CACHE, "bench_qwen2_moe_128m_v2")
+
+# Embedding standard deviation of the random benchmark checkpoints. With HF's default init (0.02 everywhere) the
+# token embedding is ~40x smaller than an attention output (a D-wide sum of 0.02-scaled products), so every token's
+# router input is nearly the context average and the routing collapses onto a few experts. At 1.0 the current token
+# dominates the residual stream, as it does in trained models (checked by `routing_spread`: on the A2.7B shape 48-55 of
+# 60 experts per layer over 48 tokens, reuse 0.05-0.13, against k / E = 0.07 for independent draws).
+EMBED_STD = 1.0
+
+
+def build_random_checkpoint(path: str, config: dict, dtype: str = "float32", seed: int = 0,
+                            embed_std: float = EMBED_STD) -> str:
+  """Writes a random HF checkpoint with transformers' `save_pretrained` (once) and returns its path.
+
+  Args:
+    path: output directory; nothing is done if it holds a config.json.
+    config: transformers config fields, with `model_type`.
+    dtype: "float32" or "bfloat16", the stored dtype.
+    seed: torch seed of the random weights.
+    embed_std: standard deviation of the token embedding (see `EMBED_STD`).
+  """
+  if os.path.exists(os.path.join(path, "config.json")):
+    return path
+  import torch
+  import transformers
+
+  torch.manual_seed(seed)
+  fields = {k: v for k, v in config.items() if k != "model_type"}
+  hf_config = transformers.AutoConfig.for_model(config["model_type"], **fields)
+  torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+  model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype)
+  with torch.no_grad():
+    model.get_input_embeddings().weight.normal_(0.0, embed_std)
+  tmp = path + ".tmp"
+  model.save_pretrained(tmp)
+  del model
+  os.replace(tmp, path)
+  return path
 
 
 def build_checkpoint(path: str = DEFAULT_CHECKPOINT) -> str:
-  """Writes the random benchmark checkpoint with transformers (once) and returns its path."""
-  if not os.path.exists(os.path.join(path, "config.json")):
-    import torch
-    import transformers
+  """The random ~128M benchmark checkpoint (`BENCH_CONFIG`, float32), built once."""
+  return build_random_checkpoint(path, BENCH_CONFIG, "float32")
 
-    torch.manual_seed(0)
-    config = transformers.Qwen2MoeConfig(**BENCH_CONFIG)
-    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
-  return path
+
+def routing_spread(routing: list[dict], k: int) -> dict[str, dict]:
+  """How much routing moves, from an engine run's `GenerationResult.routing` (batch 1).
+
+  Returns per MoE layer, over the run's tokens (prompt, then decode):
+  "distinct" experts used, and "reuse", the mean share of a token's k experts
+  that the token before also used (1.0: routing that repeats itself; about
+  k / E for independent draws).
+  """
+  out = {}
+  for layer in sorted({l for step in routing for l in step}):
+    seq = np.concatenate([np.asarray(step[layer]) for step in routing if layer in step])  # [T, k]
+    shared = [len(set(seq[t].tolist()) & set(seq[t - 1].tolist())) / k for t in range(1, len(seq))]
+    out[str(layer)] = {"distinct": len(np.unique(seq)), "reuse": float(np.mean(shared))}
+  return out
 
 
 def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:

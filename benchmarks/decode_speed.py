@@ -119,7 +119,7 @@ def model_rows(name: str, path: str, args, llama: bool) -> dict:
 
   import moejax
 
-  resident = moejax.load(path)
+  resident = moejax.load(path, dtype="float32")  # compared with transformers and llama.cpp in float32
   c = resident.config
   bound = active_bytes_per_token(c) / args.bandwidth
   rows = []

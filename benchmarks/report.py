@@ -134,6 +134,86 @@ def scheduler_section(r: dict) -> list[str]:
                        "scheduler / layer"], rows) + [""]
 
 
+def scale_section(r: dict) -> list[str]:
+  """Real expert sizes: every case of `benchmarks/scale.py`, the prompt pass, and the issue's goals."""
+  intro = (f"`python benchmarks/scale.py` ({_machine(r)}; {r['threads']} threads everywhere; random checkpoints with "
+           f"real expert sizes written by transformers' `save_pretrained`; decode of {r['new_tokens']} teacher-forced "
+           f"held-out tokens after a {r['prompt_tokens']}-token prompt, batch 1; moejax with "
+           f"`XLA_FLAGS={r['xla_flags']}`). Peak RSS is each case's own process (load: the peak while loading, over "
+           "the weights, or for lru/smoe over checkpoint + device cache); compile = first `generate` minus a warm one; "
+           "routing: distinct experts per layer / reuse (share of a token's experts the previous token also used) "
+           "over the run's tokens. This machine is shared: each row's JSON carries the load average before it ran.")
+  out = [intro, ""]
+  goals = r.get("goals", [])
+  if goals:
+    out.append("Goals of the issue in this run:")
+    out.append("")
+    busy = 0.75 * r["machine"]["cpus"]  # a load average above this: other processes held the cores
+    for g in goals:
+      state = "not measured" if g["met"] is None else ("met" if g["met"] else "**not met**")
+      value = "-" if g["value"] is None else f"{g['value']:.2f}"
+      load = g.get("load_average")
+      noisy = (f" (measured at load average {load:.1f} on {r['machine']['cpus']} cores: re-measure on a quiet "
+               "machine before relying on it)") if load is not None and load > busy else ""
+      out.append(f"- {g['goal']}: {value} (goal <= {g['bound']}): {state}{noisy}")
+    out.append("")
+  rows = []
+  for row in r["rows"]:
+    if row.get("impl") == "expert paths":
+      continue
+    name = row.get("impl", "?") + (f" {row['policy']}" if row.get("policy") else "")
+    if "error" in row:
+      rows.append([row["model"], row["dtype"], name, f"failed: {row['error'][:80]}"] + [""] * 8)
+      continue
+    routing = row.get("routing", {})
+    spread = ", ".join(f"{v['distinct']}/{v['reuse']:.2f}" for _, v in sorted(routing.items())) or "-"
+    load_rss = row.get("peak_load_rss_bytes")
+    rows.append([
+        row["model"], row["dtype"], name, f"{row['load_s']:.1f}" if "load_s" in row else "-",
+        "-" if load_rss is None else f"{load_rss / 1e9:.2f}"
+        + (f" ({row['peak_load_rss_ratio']:.2f}x)" if "peak_load_rss_ratio" in row else ""),
+        f"{row['compile_s']:.1f}" if "compile_s" in row else "-", _ms(row.get("ttft_s")), _ms(row.get("tpot_s")),
+        f"{row['hit_ratio']:.2f}" if "hit_ratio" in row else "-",
+        f"{row['bytes_to_device'] / 1e6 / row.get('decode_steps', r['new_tokens']):.0f}"
+        if "bytes_to_device" in row else "-", spread,
+    ])
+  out += _table(["model", "dtype", "implementation", "load (s)", "peak load RSS (GB)", "compile (s)", "TTFT (ms)",
+                 "TPOT (ms)", "hit ratio", "MB copied / step", "routing (distinct/reuse per layer)"], rows)
+  paths = [row for row in r["rows"] if row.get("impl") == "expert paths"]
+  if paths:
+    text = ("Per-byte speed of one token's k experts (median of alternated runs, GB/s of expert weights; "
+            "[slowest, fastest] in brackets): computed from device arrays, computed on the host from the store "
+            "(`compute_on(\"device_host\")`, CPU experts), and copied into cache slots:")
+    out += ["", text, ""]
+    rows = [[p["model"], p["dtype"], p["experts"], *(
+        f"{p['GBps'][n]:.1f} [{p['spread_GBps'][n][0]:.1f}, {p['spread_GBps'][n][1]:.1f}]"
+        for n in ("resident", "cpu", "copy"))] for p in paths if "GBps" in p]
+    out += _table(["model", "dtype", "experts", "resident experts", "CPU experts", "slot fill"], rows)
+  cache = r.get("compilation_cache_rows", [])
+  if cache:
+    out += ["", "Compilation with JAX's persistent cache (`moejax.enable_compilation_cache` / "
+            "`JAX_COMPILATION_CACHE_DIR`), the resident case twice from an empty cache: "
+            + ", ".join(f"{c['compilation_cache']} {c['compile_s']:.1f} s" for c in cache
+                        if c.get("compile_s") is not None)
+            + "."]
+  prompt = r.get("prompt_rows", [])
+  if prompt:
+    out += ["", "Prompt pass (one forward; median of 3):", ""]
+    rows = []
+    for dtype in sorted({p["dtype"] for p in prompt}):
+      ours = next((p for p in prompt if p["dtype"] == dtype and p.get("impl") == "moejax" and "prompt_s" in p), None)
+      hf = next((p for p in prompt if p["dtype"] == dtype and p.get("impl") == "transformers" and "prompt_s" in p),
+                None)
+      if ours is None or hf is None:
+        continue
+      for shape in ours["prompt_s"]:
+        rows.append([prompt[0]["model"], dtype, shape, _ms(ours["prompt_s"][shape]), _ms(hf["prompt_s"][shape]),
+                     f"{ours['prompt_s'][shape] / hf['prompt_s'][shape]:.2f}x"])
+    out += _table(["model", "dtype", "batch x tokens", "moejax (ms)", "transformers (ms)", "moejax / transformers"],
+                  rows)
+  return out + [""]
+
+
 def goals_section(results: str) -> list[str]:
   """One line per goal of the benchmark issue: the measured value and whether it is met."""
   out = []
@@ -179,7 +259,7 @@ def render(results: str) -> str:
   lines = ["_Generated by `python benchmarks/report.py` from `benchmarks/results/*.json`; do not edit by hand._", ""]
   lines += goals_section(results)
   sections = (("decode_speed", decode_section), ("offload_speed", offload_section),
-              ("transfer", transfer_section), ("scheduler_speed", scheduler_section))
+              ("transfer", transfer_section), ("scheduler_speed", scheduler_section), ("scale", scale_section))
   for name, section in sections:
     report = _load(results, name)
     if report is not None:

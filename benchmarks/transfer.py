@@ -51,7 +51,7 @@ def main():
   args = parser.parse_args()
   d, f, e = args.hidden, args.ffn, args.experts
   rng = np.random.default_rng(0)
-  layer = ExpertWeights(*(rng.standard_normal(s, np.float32) for s in ((e, d, f), (e, d, f), (e, f, d))))
+  layer = ExpertWeights(*(rng.standard_normal(s, np.float32) for s in ((e, f, d), (e, f, d), (e, d, f))))
   device = jax.devices()[0]
   pinned = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
   on_device = jax.sharding.SingleDeviceSharding(device, memory_kind="device")

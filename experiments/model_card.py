@@ -132,7 +132,7 @@ def engine_comparison(path: str, model: moejax.Model, windows: np.ndarray) -> di
       -_nll(np.asarray(model.forward(w[:, :-1])), w[:, 1:])[:, _PROMPT.value - 1 :]
       for w in np.array_split(windows, max(1, len(windows) // _ENGINE_BATCH.value))
   ])
-  host = moejax.load(path, experts="host")
+  host = moejax.load(path, dtype="float32", experts="host")
   out = {"cache_slots": slots, "num_experts": c.num_experts, "alpha": _ALPHA.value, "sequences": len(windows),
          "prompt_tokens": _PROMPT.value, "decoded_tokens_per_sequence": forced.shape[1],
          "perplexity_exact": float(np.exp(-exact.mean()))}
@@ -157,7 +157,7 @@ def main(argv):
   del argv
   path = _MODEL.value or moejax.default_model_path()
   tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-  model = moejax.load(path)
+  model = moejax.load(path, dtype="float32")  # the shipped model is stored in bfloat16
   heldout = data.windows(data.token_stream(tokenizer, data.read_documents(_HELDOUT.value)), _SEQ_LEN.value)
   train_stream = data.token_stream(tokenizer, data.read_documents(_TRAIN.value))
   with open(os.path.join(path, "training.json")) as f:

@@ -13,7 +13,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -47,7 +46,7 @@ def save(model: Model, path: str | os.PathLike) -> None:
 
 
 def restore(path: str | os.PathLike, experts: str = "device") -> Model:
-  """Restores a model saved by `save`; `experts="host"` keeps routed experts as numpy arrays."""
+  """Restores a model saved by `save`; `experts="host"` puts routed experts in `pinned_host` memory."""
   path = os.path.abspath(os.fspath(path))
   config_file = os.path.join(path, _CONFIG)
   if not os.path.isfile(config_file):
@@ -67,7 +66,8 @@ def restore(path: str | os.PathLike, experts: str = "device") -> Model:
   nnx.replace_by_pure_dict(state, tree["decoder"])
   decoder = nnx.merge(graphdef, state)
   routed: list[ExpertWeights | None] = [None] * config.num_layers
+  pinned = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
   for layer, w in tree["experts"].items():
     w = ExpertWeights(**w) if isinstance(w, dict) else ExpertWeights(*w)
-    routed[int(layer)] = ExpertWeights(*(np.asarray(a) for a in w)) if experts == "host" else w
+    routed[int(layer)] = jax.device_put(w, pinned) if experts == "host" else w
   return Model(config, decoder, routed)

@@ -1,10 +1,12 @@
-"""Memory-mapped reading of HuggingFace safetensors checkpoints.
+"""Reading HuggingFace safetensors checkpoints one tensor (or one row of a tensor) at a time.
 
 The safetensors format is an 8-byte little-endian header length, a JSON
 header (`name -> {dtype, shape, data_offsets}`) and the raw tensor bytes. We
-parse the header ourselves and map tensors with `np.memmap`, so nothing is
-read until a tensor is used, bfloat16 works without torch (via `ml_dtypes`),
-and routed experts can stay in host memory, never all on the device.
+parse the header ourselves and read each tensor on request with positional
+reads into a fresh array, so bfloat16 works without torch (via `ml_dtypes`)
+and nothing of the file stays in the process: pages of a memory-mapped file
+that were read count in its resident memory for as long as the file is
+mapped, which would add up to the whole checkpoint while a model loads.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def _read_header(path: str) -> tuple[dict, int]:
 
 
 class CheckpointReader:
-  """Lazy, memory-mapped access to the tensors of a checkpoint directory.
+  """Access by name to the tensors of a checkpoint directory, read when asked for.
 
   Accepts a single `model.safetensors`, any set of `*.safetensors` files, or a
   sharded checkpoint with `model.safetensors.index.json`.
@@ -90,7 +92,6 @@ class CheckpointReader:
       header, start = _read_header(file)
       for key, info in header.items():
         self._where[key] = (file, info, start)
-    self._maps: dict[str, np.memmap] = {}
 
   def __contains__(self, key: str) -> bool:
     return key in self._where
@@ -101,23 +102,41 @@ class CheckpointReader:
   def shape(self, key: str) -> tuple[int, ...]:
     return tuple(self._entry(key)[1]["shape"])
 
+  def dtype(self, key: str) -> np.dtype:
+    """The stored dtype of tensor `key`."""
+    name = self._entry(key)[1]["dtype"]
+    if name not in _DTYPES:
+      raise CheckpointError(f"Tensor {key!r} has unsupported dtype {name}.")
+    return np.dtype(_DTYPES[name])
+
   def _entry(self, key: str):
     if key not in self._where:
       raise CheckpointError(f"Tensor {key!r} is missing from the checkpoint at {self.path!r}.")
     return self._where[key]
 
-  def get(self, key: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """The tensor `key` as a read-only memory-mapped array (checked against `shape`)."""
+  def get(self, key: str, shape: tuple[int, ...] | None = None, *, row: int | None = None) -> np.ndarray:
+    """The tensor `key` (checked against `shape`) as a new array, or only its slice `[row]` along the first axis."""
     file, info, start = self._entry(key)
     if info["dtype"] not in _DTYPES:
       raise CheckpointError(f"Tensor {key!r} has unsupported dtype {info['dtype']}.")
-    if file not in self._maps:
-      self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
-    begin, end = info["data_offsets"]
-    array = self._maps[file][start + begin : start + end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
-    if shape is not None and tuple(array.shape) != tuple(shape):
+    full = tuple(info["shape"])
+    if shape is not None and full != tuple(shape):
       raise CheckpointError(
-          f"Tensor {key!r} has shape {tuple(array.shape)}, but the config implies {tuple(shape)}; "
+          f"Tensor {key!r} has shape {full}, but the config implies {tuple(shape)}; "
           "config.json and the weights do not belong together."
       )
+    begin = start + info["data_offsets"][0]
+    out_shape = full
+    if row is not None:
+      out_shape = full[1:]
+      begin += row * int(np.prod(out_shape, dtype=np.int64)) * np.dtype(_DTYPES[info["dtype"]]).itemsize
+    array = np.empty(out_shape, _DTYPES[info["dtype"]])
+    buffer = memoryview(array.reshape(-1).view(np.uint8))
+    with open(file, "rb", buffering=0) as f:
+      done = 0
+      while done < len(buffer):  # a single read returns at most ~2 GB
+        n = os.preadv(f.fileno(), [buffer[done:]], begin + done)
+        if n == 0:
+          raise CheckpointError(f"{file} ended inside tensor {key!r}; re-download the checkpoint.")
+        done += n
     return array

@@ -224,8 +224,9 @@ class Engine:
     self.reset()
 
   @classmethod
-  def from_pretrained(cls, path, *, dtype="float32", **options) -> Engine:
-    """Loads a checkpoint with routed experts in host memory and builds an Engine (keywords: `EngineOptions`)."""
+  def from_pretrained(cls, path, *, dtype=None, **options) -> Engine:
+    """Loads a checkpoint with routed experts in host memory (in its own dtype unless `dtype` says otherwise) and
+    builds an Engine (keywords: `EngineOptions`)."""
     from moejax.checkpoints.loader import load
 
     return cls(load(path, dtype=dtype, experts="host"), **options)

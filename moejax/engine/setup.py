@@ -132,7 +132,7 @@ def similarity_per_layer(model: Model, spec: PolicySpec, sim) -> tuple[jax.Array
     sim = np.asarray(sim, np.float32)
   for j, l in enumerate(config.moe_layer_ids):
     if sim is None:
-      out[l] = similarity_lib.router_cosine(layers[l].mlp.router.weight[...].T)
+      out[l] = similarity_lib.router_cosine(layers[l].mlp.router.weight[...])  # the router is [E, D]
     elif sim.ndim == 2:
       out[l] = jnp.asarray(sim)
     else:

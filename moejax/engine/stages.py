@@ -43,6 +43,7 @@ from moejax.engine.schedule import (
 from moejax.engine.state import DecodeState, Residency, SlotPool, StepConfig, StepConstants, StepInput
 from moejax.engine.stats import LayerCounters
 from moejax.models import moe
+from moejax.models.compile import compiler_options
 from moejax.models.layers import attention_inputs
 from moejax.offload.cpu import host_experts
 from moejax.offload.slots import fill_slots
@@ -246,7 +247,7 @@ class StagedOps:
     key = (_stage_key(fn), donate)
     if key not in self.jits:
       built = lambda *args: fn(*(a.build() if isinstance(a, BoundModule) else a for a in args))
-      self.jits[key] = jax.jit(built, donate_argnums=donate)
+      self.jits[key] = jax.jit(built, donate_argnums=donate, compiler_options=compiler_options())
     return self.jits[key]
 
   def run(self, name, layer, fn, *args, donate=()):
@@ -470,7 +471,7 @@ def step_program(cfg: StepConfig, graphdef) -> Callable:
   def run(consts: StepConstants, state: DecodeState, batch: StepInput):
     return forward(InlineOps(graphdef, consts.params), cfg, consts, state, batch)
 
-  return jax.jit(run, donate_argnames="state")
+  return jax.jit(run, donate_argnames="state", compiler_options=compiler_options())
 
 
 class DecodeConfig(NamedTuple):
@@ -554,4 +555,4 @@ def decode_program(cfg: DecodeConfig, graphdef) -> Callable:
   def run(consts: StepConstants, state: DecodeState, start: DecodeInput):
     return decode(InlineOps(graphdef, consts.params), cfg, consts, state, start)
 
-  return jax.jit(run, donate_argnames="state")
+  return jax.jit(run, donate_argnames="state", compiler_options=compiler_options())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -22,7 +23,8 @@ from moejax.scheduling import similarity
 
 
 def _layer_experts(model: Model, layer: int) -> ExpertWeights:
-  return ExpertWeights(*(jnp.asarray(a) for a in model.experts[layer]))
+  """One layer's routed experts in device memory (host-resident ones are copied there)."""
+  return ExpertWeights(*(jax.device_put(a, jax.memory.Space.Device) for a in model.experts[layer]))
 
 
 def expert_inputs(model: Model, input_ids, attention_mask=None) -> dict[int, np.ndarray]:
@@ -83,9 +85,9 @@ def build_similarity(model: Model, source: str, *, calibration_ids=None, new_tok
   config = model.config
   layers = config.moe_layer_ids
   if source == "router":
-    mats = [similarity.build("router", model.decoder.layers[l].mlp.router.weight[...].T) for l in layers]
+    mats = [similarity.build("router", model.decoder.layers[l].mlp.router.weight[...]) for l in layers]
   elif source == "weight":
-    mats = [similarity.build("weight", *model.experts[l]) for l in layers]
+    mats = [similarity.build("weight", *_layer_experts(model, l)) for l in layers]
   elif source == "output":
     if calibration_ids is None:
       raise ValueError("source 'output' needs calibration_ids [B, T].")

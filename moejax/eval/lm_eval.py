@@ -131,7 +131,7 @@ class MoejaxLM(LM):
     engine_kw.setdefault("costs", costs.DEFAULT_FIXED)  # repeatable scores; costs=calibrate measures this machine
     if opts.get("similarity"):
       engine_kw["similarity"] = load_similarity(opts["similarity"])[0]
-    engine = Engine.from_pretrained(opts["pretrained"], dtype=opts.get("dtype") or "float32", **engine_kw)
+    engine = Engine.from_pretrained(opts["pretrained"], dtype=opts.get("dtype"), **engine_kw)
     adapter_kw = {k: opts[k] for k in ("batch_size", "max_length", "max_gen_toks", "add_bos_token", "length_bucket",
                                        "reset_cache") if opts.get(k) is not None}
     return cls(engine, load_tokenizer(opts["pretrained"], opts.get("tokenizer")), **adapter_kw)

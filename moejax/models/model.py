@@ -3,7 +3,7 @@
 A `Model` bundles the configuration, the decoder (every parameter except the
 routed experts, as an NNX module) and the routed experts per layer as
 `ExpertWeights` stacked `[E, ...]`. The routed experts may be device arrays
-(resident) or host numpy arrays (for the offload engine, which moves them).
+(resident) or `pinned_host` arrays (for the offload engine, which moves them).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from flax import nnx
 
 from moejax import validation
 from moejax.models import decoder as decoder_lib
+from moejax.models.compile import compiler_options
 from moejax.models.config import MoEConfig
 from moejax.models.moe import ExpertWeights
 
@@ -38,14 +39,12 @@ def left_pad(ids: np.ndarray, mask: np.ndarray, length: int) -> tuple[np.ndarray
   return np.pad(ids, ((0, 0), (pad, 0))), np.pad(mask, ((0, 0), (pad, 0)))
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=(6,))
-def _forward_jit(graphdef, state, experts, ids, positions, valid, caches, index):
+def _forward(graphdef, state, experts, ids, positions, valid, caches, index):
   decoder = nnx.merge(graphdef, state)
   return decoder_lib.forward(decoder, experts, ids, positions, valid, index, caches)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(5,))
-def _greedy_jit(graphdef, length, state, experts, logits, caches, positions, index, steps):
+def _greedy(graphdef, length, state, experts, logits, caches, positions, index, steps):
   """Greedy decoding as one program: (`steps` (<= length) tokens `[B, length]`, the rest zeros; caches).
 
   logits: `[B, 1, V]` after the prompt; positions: `[B, 1]` rotary position
@@ -64,6 +63,14 @@ def _greedy_jit(graphdef, length, state, experts, logits, caches, positions, ind
   out = jnp.zeros((first.shape[0], length), jnp.int32).at[:, 0].set(first)
   _, caches, out = jax.lax.fori_loop(0, steps - 1, step, (first, caches, out))
   return out, caches  # the caches are returned so that their donated buffers carry the loop in place
+
+
+@functools.cache
+def _programs():
+  """The jitted (forward, greedy) pair, compiled with `compile.compiler_options()` of the default backend."""
+  options = compiler_options()
+  return (jax.jit(_forward, static_argnums=0, donate_argnums=(6,), compiler_options=options),
+          jax.jit(_greedy, static_argnums=(0, 1), donate_argnums=(5,), compiler_options=options))
 
 
 class Model:
@@ -86,8 +93,13 @@ class Model:
     return self.decoder.embed_tokens[...].dtype
 
   def experts_on_device(self) -> list[ExpertWeights | None]:
-    """Routed experts as device arrays (copies host-resident ones)."""
-    return [None if w is None else ExpertWeights(*(jnp.asarray(a) for a in w)) for w in self.experts]
+    """Routed experts in device memory: host-resident ones are copied, device arrays returned as they are."""
+
+    def on_device(a):  # device_put to a memory space copies even an array already there
+      return a if isinstance(a, jax.Array) and a.sharding.memory_kind == "device" else jax.device_put(
+          a, jax.memory.Space.Device)
+
+    return [None if w is None else ExpertWeights(*(on_device(a) for a in w)) for w in self.experts]
 
   def init_caches(self, batch: int, max_len: int):
     return self.decoder.init_caches(batch, max_len)
@@ -103,9 +115,9 @@ class Model:
                                         right_padding=True)
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
     caches = self.init_caches(ids.shape[0], ids.shape[1])
-    logits, _ = _forward_jit(
-        self.graphdef, self.state, self.experts_on_device(), ids, prompt_positions(mask), mask, caches, 0
-    )
+    forward, _ = _programs()
+    experts = self.experts_on_device()
+    logits, _ = forward(self.graphdef, self.state, experts, ids, prompt_positions(mask), mask, caches, 0)
     return logits
 
   def generate(self, input_ids, max_new_tokens: int, attention_mask=None) -> np.ndarray:
@@ -129,11 +141,12 @@ class Model:
     experts = self.experts_on_device()
     caches = self.init_caches(b, bucket(t + max_new_tokens))
     positions = prompt_positions(mask)
-    logits, caches = _forward_jit(self.graphdef, self.state, experts, ids, positions, mask, caches, 0)
+    forward, greedy = _programs()
+    logits, caches = forward(self.graphdef, self.state, experts, ids, positions, mask, caches, 0)
     prompt = np.asarray(ids[:, t - t_in :])
     if max_new_tokens <= 0:
       return prompt
     # Bucketed output length: the decode loop compiles once for many max_new_tokens.
-    new, _ = _greedy_jit(self.graphdef, bucket(max_new_tokens), self.state, experts, logits[:, -1:], caches,
-                      positions[:, -1:] + 1, t, max_new_tokens)
+    new, _ = greedy(self.graphdef, bucket(max_new_tokens), self.state, experts, logits[:, -1:], caches,
+                    positions[:, -1:] + 1, t, max_new_tokens)
     return np.concatenate([prompt, np.asarray(new)[:, :max_new_tokens]], axis=1)

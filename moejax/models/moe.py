@@ -8,11 +8,13 @@ weight buffers `[S, ...]` addressed by slot index, so the weights may be a
 device cache of S <= E slots, or all E experts.
 
 Shapes: N tokens (flattened batch), D hidden, E routed experts, k experts per
-token, S slots, F expert width.
+token, S slots, F expert width. Expert weights are kept in the checkpoints'
+`[out, in]` layout, like every matrix of the model (see `layers.linear`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -20,15 +22,25 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.models.config import MoEConfig
-from moejax.models.layers import MLP, Linear, activation
+from moejax.models.layers import MLP, Linear, activation, linear
 
 
 class ExpertWeights(NamedTuple):
-  """Stacked routed-expert weights: gate `[S, D, F]`, up `[S, D, F]`, down `[S, F, D]`."""
+  """Stacked routed-expert weights: gate `[S, F, D]`, up `[S, F, D]`, down `[S, D, F]` (`[out, in]` per expert).
+
+  In device cache slots, bfloat16 weights are held as their uint16 bit
+  patterns (see `moejax.offload.slots`); `expert` reads either.
+  """
 
   gate: jax.Array
   up: jax.Array
   down: jax.Array
+
+
+def expert(weights: ExpertWeights, slot: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The (gate `[F, D]`, up `[F, D]`, down `[D, F]`) of one slot; uint16 buffers are read as bfloat16."""
+  out = (jax.lax.dynamic_index_in_dim(w, slot, keepdims=False) for w in weights)
+  return tuple(jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a for a in out)
 
 
 class Router(nnx.Module):
@@ -36,7 +48,7 @@ class Router(nnx.Module):
 
   def __init__(self, config: MoEConfig, *, dtype=jnp.float32):
     weight_dtype = jnp.float32 if config.router_fp32 else dtype
-    self.weight = nnx.Param(jnp.zeros((config.hidden_size, config.num_experts), weight_dtype))
+    self.weight = nnx.Param(jnp.zeros((config.num_experts, config.hidden_size), weight_dtype))  # [E, D]
     # DeepSeek-V3's e_score_correction_bias: shifts selection only, never the weights.
     self.bias = nnx.Param(jnp.zeros((config.num_experts,), jnp.float32)) if config.router_bias else None
     self.scoring_func = config.scoring_func
@@ -44,7 +56,7 @@ class Router(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: `[N, D]` -> scores `[N, E]` in float32 (softmax or sigmoid of the logits)."""
     w = self.weight[...]
-    logits = (x.astype(w.dtype) @ w).astype(jnp.float32)
+    logits = linear(x.astype(w.dtype), w).astype(jnp.float32)
     if self.scoring_func == "softmax":
       return jax.nn.softmax(logits, axis=-1)
     if self.scoring_func == "sigmoid":
@@ -100,8 +112,13 @@ def own_routing(config: MoEConfig, scores: jax.Array, bias: jax.Array | None = N
   return idx, combine_weights(config, jnp.take_along_axis(scores, idx, axis=-1))
 
 
-def _expert_ffn(x, gate, up, down, act):
-  return (activation(act)(x @ gate) * (x @ up)) @ down
+def _expert_ffn(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, act: str) -> jax.Array:
+  """One expert on x `[M, D]`: gate/up `[F, D]`, down `[D, F]` -> `[M, D]` in x's dtype."""
+  return linear(activation(act)(linear(x, gate)) * linear(x, up), down)
+
+
+# Up to this many (token, expert) pairs, `routed_experts` reads one expert per pair; above it, it groups them.
+_PAIRWISE_MAX = 64
 
 
 def routed_experts(
@@ -119,40 +136,79 @@ def routed_experts(
   Returns:
     `[N, D]` in the dtype of x.
 
-  Few assignments (decode) index one expert at a time, which reads only the
-  chosen experts' weights; many (prefill) sort assignments by slot and use a
-  grouped matmul (`lax.ragged_dot`).
+  Few pairs (decode) run one expert per pair, a loop of one-row products
+  that read only the chosen experts' weights (skipped pairs read none); many
+  (prefill) are grouped by slot (`_grouped_experts`), so an expert's weights
+  are read once per block of its tokens.
   """
   n, k = slots.shape
-  if n * k <= 64:
-    flat_slots, flat_mix = slots.reshape(-1), mix.reshape(-1).astype(jnp.float32)
+  if n * k > _PAIRWISE_MAX:
+    return _grouped_experts(x, weights, slots, mix, act)
+  return pairwise_experts(x, weights, slots, mix, act)
 
-    def add_one(p, out):
-      g, u, d = (jax.lax.dynamic_index_in_dim(w, flat_slots[p], keepdims=False) for w in weights)
-      xi = jax.lax.dynamic_index_in_dim(x, p // k, keepdims=False)
-      y = _expert_ffn(xi, g, u, d, act).astype(jnp.float32)
-      return out.at[p // k].add(flat_mix[p] * y)
 
-    def maybe_add(p, out):  # skipped pairs read no weights
-      return jax.lax.cond(flat_slots[p] >= 0, add_one, lambda _, o: o, p, out)
+def pairwise_experts(
+    x: jax.Array, weights: ExpertWeights, slots: jax.Array, mix: jax.Array, act: str = "silu"
+) -> jax.Array:
+  """`routed_experts` one pair at a time (the decode path): a loop of one-row products over the pairs.
 
-    out = jax.lax.fori_loop(0, n * k, maybe_add, jnp.zeros(x.shape, jnp.float32))
-    return out.astype(x.dtype)
+  Same arguments and result as `routed_experts`. Each pair reads its expert's
+  weights (skipped pairs read none); pairs run in slot order, so consecutive
+  pairs of one expert find its weights still in the CPU's caches.
+  """
+  n, k = slots.shape
+  flat_slots, token, flat_mix = jax.lax.sort(
+      (slots.reshape(-1), jnp.arange(n * k, dtype=jnp.int32) // k, mix.reshape(-1).astype(jnp.float32)), num_keys=1)
 
-  num_slots = weights.gate.shape[0]
+  def add_one(p, out):
+    g, u, d = expert(weights, flat_slots[p])
+    y = _expert_ffn(jax.lax.dynamic_slice_in_dim(x, token[p], 1), g, u, d, act).astype(jnp.float32)
+    return out.at[token[p]].add(flat_mix[p] * y[0])
+
+  def maybe_add(p, out):  # skipped pairs read no weights
+    return jax.lax.cond(flat_slots[p] >= 0, add_one, lambda _, o: o, p, out)
+
+  out = jax.lax.fori_loop(0, n * k, maybe_add, jnp.zeros(x.shape, jnp.float32))
+  return out.astype(x.dtype)
+
+
+def _grouped_experts(x: jax.Array, weights: ExpertWeights, slots: jax.Array, mix: jax.Array, act: str) -> jax.Array:
+  """`routed_experts` for many pairs: pairs sorted by slot into blocks of B rows, one slot per block.
+
+  Each slot's pairs fill ceil(count / B) blocks (the last one padded); a loop
+  over the blocks in use multiplies each block `[B, D]` by its slot's weights,
+  so every expert is read once per B of its tokens. B grows with the pairs per
+  slot; the number of blocks is bounded statically by N k / B + min(S, N k).
+  """
+  n, k = slots.shape
+  num_slots, pairs = weights.gate.shape[0], n * k
+  block = min(64, max(8, 1 << max(0, math.ceil(pairs / num_slots) - 1).bit_length()))
+  n_blocks = -(-pairs // block) + min(num_slots, pairs)
   flat = slots.reshape(-1)
   valid = flat >= 0
-  key = jnp.where(valid, flat, num_slots)  # invalid assignments sort last, into no group
+  key = jnp.where(valid, flat, num_slots)  # skipped pairs sort last, into no block
   order = jnp.argsort(key)
-  token_of = (jnp.arange(n * k) // k)[order]
-  xs = x[token_of]
-  group_sizes = jnp.bincount(key, length=num_slots + 1)[:num_slots].astype(jnp.int32)
-  h = activation(act)(jax.lax.ragged_dot(xs, weights.gate, group_sizes)) * jax.lax.ragged_dot(
-      xs, weights.up, group_sizes
-  )
-  y = jax.lax.ragged_dot(h, weights.down, group_sizes).astype(jnp.float32)
+  sorted_slot = key[order]
+  counts = jnp.bincount(key, length=num_slots + 1)[:num_slots]
+  padded = -(-counts // block) * block
+  block_end = jnp.cumsum(padded)  # [S] end row of each slot's blocks
+  rank = jnp.arange(pairs) - (jnp.cumsum(counts) - counts)[jnp.minimum(sorted_slot, num_slots - 1)]
+  rows = n_blocks * block
+  row = jnp.where(sorted_slot < num_slots, (block_end - padded)[jnp.minimum(sorted_slot, num_slots - 1)] + rank, rows)
+  token = order // k
+  xs = jnp.zeros((rows + 1, x.shape[1]), x.dtype).at[row].set(x[token])  # row `rows` collects skipped pairs
+  block_slot = jnp.searchsorted(block_end, jnp.arange(n_blocks) * block, side="right")
+
+  def one_block(b, ys):
+    s = block_slot[b]
+    g, u, d = expert(weights, s)
+    y = _expert_ffn(jax.lax.dynamic_slice_in_dim(xs, b * block, block), g, u, d, act).astype(jnp.float32)
+    return jax.lax.dynamic_update_slice_in_dim(ys, y, b * block, 0)
+
+  used = block_end[-1] // block
+  ys = jax.lax.fori_loop(0, used, one_block, jnp.zeros((rows + 1, x.shape[1]), jnp.float32))
   w = jnp.where(valid, mix.reshape(-1), 0.0)[order].astype(jnp.float32)
-  out = jnp.zeros(x.shape, jnp.float32).at[token_of].add(w[:, None] * y)
+  out = jnp.zeros(x.shape, jnp.float32).at[token].add(w[:, None] * ys[row])
   return out.astype(x.dtype)
 
 

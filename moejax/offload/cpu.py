@@ -8,13 +8,15 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.compute_on import compute_on
 
-from moejax.models.moe import ExpertWeights, routed_experts
+from moejax.models.moe import ExpertWeights, pairwise_experts
 
 
 @compute_on("device_host")
 @functools.partial(jax.jit, static_argnames="act")
 def _on_host(x, store, pairs, mix, act):
-  return routed_experts(x, store, pairs, mix, act)
+  # One expert per pair whatever the batch: CPU experts are few by design, and under compute_on the grouped path's
+  # constants would be placed in device memory.
+  return pairwise_experts(x, store, pairs, mix, act)
 
 
 def host_experts(

@@ -1,12 +1,16 @@
 """Host expert store: every routed expert of every MoE layer, in page-locked host memory.
 
-Weights are stacked per layer as `[E, D, F]` / `[E, F, D]` JAX arrays in the
-`pinned_host` memory kind. The engine's jitted step reads them in place: a
-copy into the device cache slices one expert from the store and moves it to
-device memory (`moejax.offload.slots.fill_slots`; a DMA transfer on a GPU),
-and CPU experts compute on the host directly from it
+Weights are stacked per layer as gate/up `[E, F, D]`, down `[E, D, F]` JAX
+arrays in the `pinned_host` memory kind. The engine's jitted step reads them
+in place: a copy into the device cache slices one expert from the store and
+moves it to device memory (`moejax.offload.slots.fill_slots`; a DMA transfer
+on a GPU), and CPU experts compute on the host directly from it
 (`moejax.offload.cpu.host_experts`). The store never keeps an expert on the
 device.
+
+`moejax.load(path, experts="host")` writes the experts straight into such
+arrays; the store then wraps them as they are (no second copy), so a model
+and the engine built on it share one copy of the experts.
 """
 
 from __future__ import annotations
@@ -29,5 +33,8 @@ class HostExpertStore:
   def __init__(self, experts: Sequence[ExpertWeights | None], device=None):
     device = device or jax.devices()[0]
     pinned = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
-    self.layers = [None if w is None else jax.device_put(ExpertWeights(*w), pinned) for w in experts]
 
+    def place(a):  # arrays already pinned on this device are kept, not copied
+      return a if isinstance(a, jax.Array) and a.sharding == pinned else jax.device_put(a, pinned)
+
+    self.layers = [None if w is None else ExpertWeights(*(place(a) for a in w)) for w in experts]

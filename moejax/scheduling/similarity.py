@@ -68,9 +68,9 @@ def expert_weight_cosine(w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) 
   """Cosine similarity of the experts' concatenated, flattened weights.
 
   Args:
-    w_gate: ``[E, D, F]`` gate projections.
-    w_up: ``[E, D, F]`` up projections.
-    w_down: ``[E, F, D]`` down projections.
+    w_gate: ``[E, F, D]`` gate projections.
+    w_up: ``[E, F, D]`` up projections.
+    w_down: ``[E, D, F]`` down projections.
 
   Returns:
     ``[E, E] float32``; 0 against an all-zero expert, diagonal 1.
@@ -84,7 +84,7 @@ def expert_outputs(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax
 
   Args:
     x: ``[N, D]`` tokens.
-    w_gate, w_up: ``[E, D, F]``; w_down: ``[E, F, D]``.
+    w_gate, w_up: ``[E, F, D]``; w_down: ``[E, D, F]``.
     act: activation name, one of :data:`ACTIVATIONS`.
 
   Returns:
@@ -94,8 +94,8 @@ def expert_outputs(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax
   if act not in ACTIVATIONS:
     raise ValueError(f"unknown activation {act!r}; choose one of {tuple(ACTIVATIONS)}.")
   x, w_gate, w_up, w_down = (a.astype(jnp.float32) for a in (x, w_gate, w_up, w_down))
-  hidden = ACTIVATIONS[act](jnp.einsum("nd,edf->enf", x, w_gate)) * jnp.einsum("nd,edf->enf", x, w_up)
-  return jnp.einsum("enf,efd->end", hidden, w_down)
+  hidden = ACTIVATIONS[act](jnp.einsum("nd,efd->enf", x, w_gate)) * jnp.einsum("nd,efd->enf", x, w_up)
+  return jnp.einsum("enf,edf->end", hidden, w_down)
 
 
 def expert_output_similarity(
@@ -106,7 +106,7 @@ def expert_output_similarity(
   Args:
     x: ``[N, D]`` calibration tokens (hidden states entering the layer's
       experts, i.e. after the post-attention norm).
-    w_gate, w_up: ``[E, D, F]``; w_down: ``[E, F, D]``.
+    w_gate, w_up: ``[E, F, D]``; w_down: ``[E, D, F]``.
     act: activation name, one of :data:`ACTIVATIONS`.
     chunk: tokens processed at once (bounds memory at ``E * chunk * D``).
 

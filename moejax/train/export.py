@@ -2,8 +2,8 @@
 
 Writes `config.json` (a transformers config), `model.safetensors` in the hub
 key layout that `save_pretrained` writes (routed experts one by one:
-`model.layers.{i}.mlp.experts.{j}.gate_proj.weight`, Linear weights
-`[out, in]`) and the tokenizer files. Key names come from
+`model.layers.{i}.mlp.experts.{j}.gate_proj.weight`; every matrix `[out, in]`,
+as moejax keeps it) and the tokenizer files. Key names come from
 `moejax.checkpoints.hf`, the same table `moejax.load` reads with, so an
 export loads back into the same parameters.
 """
@@ -82,9 +82,8 @@ def hf_tensors(config: MoEConfig, params: Mapping[str, Any], dtype: str = "float
   layout = layout_for(config)
   out = {}
   for path, var in nnx.to_flat_state(params["decoder"]):
-    key, transpose = hf_key(path, layout, config.moe_layers[path[1]] if path[0] == "layers" else False)
-    array = np.asarray(var[...], np.float32)
-    out[key] = array.T if transpose else array
+    out[hf_key(path, layout, config.moe_layers[path[1]] if path[0] == "layers" else False)] = np.asarray(
+        var[...], np.float32)
   g_name, u_name, d_name = layout.expert_proj
   for layer, w in enumerate(params["experts"]):
     if w is None:
@@ -92,9 +91,9 @@ def hf_tensors(config: MoEConfig, params: Mapping[str, Any], dtype: str = "float
     base = f"model.layers.{layer}.{layout.moe}.{layout.experts}"
     gate, up, down = (np.asarray(a, np.float32) for a in w)
     for j in range(config.num_experts):
-      out[f"{base}.{j}.{g_name}.weight"] = gate[j].T
-      out[f"{base}.{j}.{u_name}.weight"] = up[j].T
-      out[f"{base}.{j}.{d_name}.weight"] = down[j].T
+      out[f"{base}.{j}.{g_name}.weight"] = gate[j]
+      out[f"{base}.{j}.{u_name}.weight"] = up[j]
+      out[f"{base}.{j}.{d_name}.weight"] = down[j]
   return {k: np.ascontiguousarray(v.astype(np_dtype)) for k, v in sorted(out.items())}
 
 

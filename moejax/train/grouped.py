@@ -29,7 +29,7 @@ def grouped_experts(
 
   Args:
     x: `[N, D]` token activations.
-    weights: `ExpertWeights` gate/up `[E, D, F]`, down `[E, F, D]`.
+    weights: `ExpertWeights` gate/up `[E, F, D]`, down `[E, D, F]`.
     experts: `[N, k]` int32 expert ids (all valid).
     mix: `[N, k]` mixing weights.
     act: activation name.
@@ -54,9 +54,9 @@ def grouped_experts(
   xs = jnp.zeros((n_blocks * block, x.shape[1]), x.dtype).at[row].set(x[token])
   xs = xs.reshape(n_blocks, block, -1)
   block_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(n_blocks) * block, side="right"), e - 1)
-  h = activation(act)(jnp.einsum("bnd,bdf->bnf", xs, weights.gate[block_expert]))
-  h = h * jnp.einsum("bnd,bdf->bnf", xs, weights.up[block_expert])
-  y = jnp.einsum("bnf,bfd->bnd", h, weights.down[block_expert]).reshape(n_blocks * block, -1)
+  h = activation(act)(jnp.einsum("bnd,bfd->bnf", xs, weights.gate[block_expert]))
+  h = h * jnp.einsum("bnd,bfd->bnf", xs, weights.up[block_expert])
+  y = jnp.einsum("bnf,bdf->bnd", h, weights.down[block_expert]).reshape(n_blocks * block, -1)
   w = mix.reshape(-1)[order].astype(jnp.float32)
   out = jnp.zeros(x.shape, jnp.float32).at[token].add(w[:, None] * y[row].astype(jnp.float32))
   return out.astype(x.dtype)

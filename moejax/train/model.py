@@ -60,9 +60,9 @@ def init_params(config: MoEConfig, key: jax.Array, std: float = 0.02) -> tuple[n
       experts.append(None)
       continue
     experts.append(moe.ExpertWeights(
-        std * jax.random.normal(next(keys), (e, d, f)),
-        std * jax.random.normal(next(keys), (e, d, f)),
         std * jax.random.normal(next(keys), (e, f, d)),
+        std * jax.random.normal(next(keys), (e, f, d)),
+        std * jax.random.normal(next(keys), (e, d, f)),
     ))
   return graphdef, {"decoder": nnx.from_flat_state(filled), "experts": experts}
 

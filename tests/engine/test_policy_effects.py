@@ -16,7 +16,7 @@ TEXT = ("Now the serpent was more subtle than any animal of the field which Yahw
 def setup():
   path = moejax.default_model_path()
   ids = np.asarray([transformers.AutoTokenizer.from_pretrained(path)(TEXT)["input_ids"]], np.int32)
-  return moejax.load(path, experts="host"), ids[:, :12], ids[:, 12:]
+  return moejax.load(path, dtype="float32", experts="host"), ids[:, :12], ids[:, 12:]
 
 
 def _run(model, prompt, continuation, policy, alpha):

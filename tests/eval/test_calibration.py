@@ -19,7 +19,7 @@ def test_build_similarity_shapes(host_model, source):
 
 def test_router_source_is_the_engine_default(host_model):
   l = host_model.config.moe_layer_ids[0]
-  want = similarity.router_cosine(host_model.decoder.layers[l].mlp.router.weight[...].T)
+  want = similarity.router_cosine(host_model.decoder.layers[l].mlp.router.weight[...])
   np.testing.assert_allclose(calibration.build_similarity(host_model, "router")[0], want, atol=1e-6)
 
 

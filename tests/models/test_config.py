@@ -115,10 +115,9 @@ def test_xverse_moe_a4_2b():
   assert c.moe_layer_ids == tuple(range(28))
   assert (c.moe_intermediate_size, c.shared_intermediate_size) == (1728, 3456)
   assert (c.num_experts, c.num_experts_per_tok, c.norm_topk_prob, c.routed_scaling_factor) == (64, 6, False, 1.0)
-  assert hf_key(("layers", 3, "mlp", "router", "weight"), layout_for(c), True) == (
-      "model.layers.3.mlp.router.weight", True)
-  assert hf_key(("layers", 3, "mlp", "shared", "mlp", "up_proj", "kernel"), layout_for(c), True) == (
-      "model.layers.3.mlp.shared_experts.up_proj.weight", True)
+  assert hf_key(("layers", 3, "mlp", "router", "weight"), layout_for(c), True) == "model.layers.3.mlp.router.weight"
+  assert hf_key(("layers", 3, "mlp", "shared", "mlp", "up_proj", "weight"), layout_for(c), True) == (
+      "model.layers.3.mlp.shared_experts.up_proj.weight")
 
 
 def test_dense_xverse():

@@ -172,10 +172,10 @@ def test_bfloat16_is_close_to_float32(checkpoint):
   assert (logits.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
 
 
-def test_host_experts_are_numpy_with_same_logits(checkpoint):
+def test_host_experts_are_pinned_host_arrays_with_same_logits(checkpoint):
   model = moejax.load(checkpoint[0], experts="host")
   for layer, w in enumerate(model.experts):
     assert (w is None) == (not model.config.moe_layers[layer])
     if w is not None:
-      assert all(type(a) is np.ndarray or isinstance(a, np.memmap) for a in w)
+      assert all(a.sharding.memory_kind == "pinned_host" for a in w)
   np.testing.assert_array_equal(np.asarray(model.forward(_ids(PROMPT + NEW, 97))), checkpoint[1])

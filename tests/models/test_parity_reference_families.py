@@ -109,7 +109,7 @@ def test_bfloat16_checkpoint_matches_reference(pair, tmp_path):
   """bf16-stored weights (like the real checkpoints) computed in float32 on both sides."""
   save_hub_checkpoint(pair.ref, None, tmp_path, dtype=torch.bfloat16)
   ids = _ids(PROMPT + NEW, pair.model.config.vocab_size)
-  ours = np.asarray(moejax.load(tmp_path).forward(ids))
+  ours = np.asarray(moejax.load(tmp_path, dtype="float32").forward(ids))
   ref = _ref_logits(load_hub_checkpoint(tmp_path), ids)
   assert_logits_close(ours, ref)
 

@@ -19,7 +19,7 @@ TEXT = "Then Jesus said to his disciples, “Let us go over to the other side of
 def models():
   tokenizer = transformers.AutoTokenizer.from_pretrained(PATH)
   hf = transformers.AutoModelForCausalLM.from_pretrained(PATH, dtype=torch.float32).eval()
-  return tokenizer, hf, moejax.load(PATH)
+  return tokenizer, hf, moejax.load(PATH, dtype="float32")  # stored in bfloat16
 
 
 def test_shipped_files():

@@ -52,15 +52,15 @@ def test_grouped_experts_match_routed_experts_and_their_gradients():
   n, d, f, e, k = 40, 16, 8, 6, 3
   keys = jax.random.split(jax.random.PRNGKey(0), 5)
   x = jax.random.normal(keys[0], (n, d))
-  shapes = [(e, d, f), (e, d, f), (e, f, d)]
+  shapes = [(e, f, d), (e, f, d), (e, d, f)]
   w = moe.ExpertWeights(*(0.3 * jax.random.normal(kk, s) for kk, s in zip(keys[1:4], shapes)))
   experts = jax.lax.top_k(jax.random.normal(keys[4], (n, e)), k)[1].astype(jnp.int32)
   mix = jax.nn.softmax(jax.random.normal(keys[4], (n, k)))
 
   def dense(x, w):  # every expert on every token, weighted by the sparse mix
     full = jnp.zeros((n, e)).at[jnp.arange(n)[:, None], experts].set(mix)
-    h = jax.nn.silu(jnp.einsum("nd,edf->enf", x, w.gate)) * jnp.einsum("nd,edf->enf", x, w.up)
-    return jnp.einsum("enf,efd,ne->nd", h, w.down, full)
+    h = jax.nn.silu(jnp.einsum("nd,efd->enf", x, w.gate)) * jnp.einsum("nd,efd->enf", x, w.up)
+    return jnp.einsum("enf,edf,ne->nd", h, w.down, full)
 
   ours = grouped.grouped_experts(x, w, experts, mix, block=4)
   np.testing.assert_allclose(ours, moe.routed_experts(x, w, experts, mix), atol=1e-5)
