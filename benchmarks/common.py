@@ -69,6 +69,10 @@ def build_checkpoint(path: str = DEFAULT_CHECKPOINT) -> str:
 def routing_spread(routing: list[dict], k: int) -> dict[str, dict]:
   """How much routing moves, from an engine run's `GenerationResult.routing` (batch 1).
 
+  Args:
+    routing: per step {MoE layer: `LayerRouting`} (`record_routing=True`).
+    k: experts per token.
+
   Returns per MoE layer, over the run's tokens (prompt, then decode):
   "distinct" experts used, and "reuse", the mean share of a token's k experts
   that the token before also used (1.0: routing that repeats itself; about
@@ -76,7 +80,7 @@ def routing_spread(routing: list[dict], k: int) -> dict[str, dict]:
   """
   out = {}
   for layer in sorted({l for step in routing for l in step}):
-    seq = np.concatenate([np.asarray(step[layer]) for step in routing if layer in step])  # [T, k]
+    seq = np.concatenate([np.asarray(step[layer].experts) for step in routing if layer in step])  # [T, k]
     shared = [len(set(seq[t].tolist()) & set(seq[t - 1].tolist())) / k for t in range(1, len(seq))]
     out[str(layer)] = {"distinct": len(np.unique(seq)), "reuse": float(np.mean(shared))}
   return out

@@ -1,4 +1,4 @@
-"""Decode speed: moejax vs transformers vs llama.cpp vs the memory-bandwidth bound, resident and offloaded.
+"""Decode speed of the resident model: moejax vs transformers vs llama.cpp vs the memory-bandwidth bound.
 
 On the shipped default model and a random ~128M-parameter Qwen2-MoE (8
 layers, 32 experts, top-4, hidden 512; built once with transformers and
@@ -9,11 +9,12 @@ cached), times in one run, on the same weights and thread count:
 - llama.cpp `llama-bench` on the same checkpoint converted to GGUF f32, batch 1
   (built into a cache folder by `benchmarks/llama_cpp.py`; skipped with
   `--no-llama_cpp`);
-- the bandwidth bound: active weight bytes per token / measured copy bandwidth;
-- on the 128M model, the offloading `Engine` (resident / lru / smoe at
-  cache_slots E/4, E/2, E), now and at `--baseline_commit` (a git worktree
-  of that commit timed in a subprocess of the same run: the before/after of
-  an engine change).
+- the bandwidth bound: the weight bytes a token reads / the measured bandwidth
+  of reading that many bytes; a figure above 100% of it means the benchmark
+  counts fewer bytes than are read, and the script stops.
+
+The offloading Engine's policies are measured by `offload_speed.py` (routing
+that moves) and at real expert sizes by `scale.py`.
 
   python benchmarks/decode_speed.py --out benchmarks/results/decode_speed.json
 
@@ -24,24 +25,11 @@ of steady-state steps (compilation excluded).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
-import sys
-import tempfile
 import time
 
-import numpy as np
-
-from common import (
-  DEFAULT_CHECKPOINT,
-  build_checkpoint,
-  copy_bandwidth,
-  decode_step_s,
-  time_model_generate,
-  warm_engine_run,
-  write_report,
-)
+from common import DEFAULT_CHECKPOINT, build_checkpoint, time_model_generate, write_report
 
 
 def active_bytes_per_token(config) -> int:
@@ -75,43 +63,24 @@ def time_transformers(path: str, batch: int, new_tokens: int, threads: int, voca
   return prefill, (total - prefill) / new_tokens
 
 
-def time_engine(model, policy: str, slots: int, batch: int, new_tokens: int, alpha: float) -> dict:
-  ids = np.random.RandomState(0).randint(0, model.config.vocab_size, (batch, 16))
-  result = warm_engine_run(model, ids, new_tokens, policy=policy, alpha=alpha, cache_slots=slots)
-  s = result.stats
-  return {
-      "policy": policy, "alpha": alpha, "cache_slots": slots, "batch": batch,
-      "tpot_s": decode_step_s(result), "hit_ratio": s["hit_ratio"], "bytes_to_device": s["bytes_to_device"],
-      "cpu_experts": s["cpu_experts"], "substitution_rate": s["substitution_rate"],
-  }
+def read_bandwidth(nbytes: int, repeats: int = 7) -> float:
+  """Bytes/s of reading `nbytes` of float32 once (a jitted sum over them), the fastest of `repeats`.
 
+  Sized like the weights one token reads, the buffer sits in the caches where
+  those weights would: the bound it gives is the best case for reading them.
+  """
+  import jax
+  import jax.numpy as jnp
 
-def engine_rows(checkpoint: str, new_tokens: int) -> list[dict]:
-  """The offloading Engine at resident / lru / smoe(0.3) for E/4, E/2, E slots, batch 1."""
-  import moejax
-
-  resident = moejax.load(checkpoint)
-  host = moejax.load(checkpoint, experts="host")
-  e = host.config.num_experts
-  rows = []
-  for policy, alpha, slot_list in (("resident", 0.0, (e,)), ("lru", 0.0, (e // 4, e // 2, e)),
-                                   ("smoe", 0.3, (e // 4, e // 2, e))):
-    for slots in slot_list:
-      rows.append(time_engine(host if policy != "resident" else resident, policy, slots, 1, new_tokens, alpha))
-  return rows
-
-
-def baseline_engine_rows(commit: str, checkpoint: str, new_tokens: int) -> list[dict]:
-  """`engine_rows` with moejax from a git worktree of `commit`, in a subprocess (same machine, same run)."""
-  root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True).stdout.strip()
-  tree = os.path.expanduser(f"~/.cache/moejax/worktrees/{commit}")
-  if not os.path.exists(tree):
-    subprocess.run(["git", "-C", root, "worktree", "add", "--detach", tree, commit], check=True, capture_output=True)
-  with tempfile.NamedTemporaryFile(suffix=".json") as f:
-    subprocess.run([sys.executable, __file__, "--engine_only", f.name, "--checkpoint", checkpoint,
-                    "--new_tokens", str(new_tokens)], check=True, env={**os.environ, "PYTHONPATH": tree})
-    with open(f.name) as rows:
-      return json.load(rows)
+  x = jnp.ones(nbytes // 4, jnp.float32)
+  total = jax.jit(jnp.sum)
+  jax.block_until_ready(total(x))
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(total(x))
+    best = min(best, time.perf_counter() - t)
+  return nbytes / best
 
 
 def model_rows(name: str, path: str, args, llama: bool) -> dict:
@@ -121,7 +90,8 @@ def model_rows(name: str, path: str, args, llama: bool) -> dict:
 
   resident = moejax.load(path, dtype="float32")  # compared with transformers and llama.cpp in float32
   c = resident.config
-  bound = active_bytes_per_token(c) / args.bandwidth
+  bandwidth = read_bandwidth(active_bytes_per_token(c))
+  bound = active_bytes_per_token(c) / bandwidth
   rows = []
   tpot_llama = None
   if llama:
@@ -146,8 +116,12 @@ def model_rows(name: str, path: str, args, llama: bool) -> dict:
     rows.append(row)
   params = int(sum(a.size for a in jax.tree.leaves(resident.state))) + len(c.moe_layer_ids) * c.num_experts * (
       c.expert_param_count())
+  for row in rows:
+    if row.get("of_bandwidth_bound", 0) > 1:
+      raise RuntimeError(f"{row['impl']} on {name} ran at {row['of_bandwidth_bound']:.0%} of the read-bandwidth "
+                         "bound: the benchmark counts fewer bytes than are read, or timed something else.")
   return {"name": name, "checkpoint": path, "params": params, "active_bytes_per_token": active_bytes_per_token(c),
-          "bandwidth_bound_tpot_s": bound, "rows": rows}
+          "read_bandwidth_Bps": bandwidth, "bandwidth_bound_tpot_s": bound, "rows": rows}
 
 
 def main():
@@ -156,43 +130,26 @@ def main():
   parser.add_argument("--new_tokens", type=int, default=32)
   parser.add_argument("--threads", type=int, default=os.cpu_count())
   parser.add_argument("--llama_cpp", action=argparse.BooleanOptionalAction, default=True)
-  parser.add_argument("--baseline_commit", default=None, help="also time the Engine at this commit (git worktree)")
-  parser.add_argument("--engine_only", default=None, help=argparse.SUPPRESS)  # baseline subprocess: write rows here
   parser.add_argument("--out", default="benchmarks/results/decode_speed.json")
   args = parser.parse_args()
-  if args.engine_only:
-    with open(args.engine_only, "w") as f:
-      json.dump(engine_rows(args.checkpoint, args.new_tokens), f)
-    return
 
-  import moejax
   import torch
   import transformers
 
+  import moejax
+
   build_checkpoint(args.checkpoint)
-  args.bandwidth = copy_bandwidth()
   models = [model_rows("shipped default model", moejax.default_model_path(), args, llama=args.llama_cpp),
             model_rows("random Qwen2-MoE 128M", args.checkpoint, args, llama=args.llama_cpp)]
-  rows = engine_rows(args.checkpoint, args.new_tokens)
-  if args.baseline_commit:
-    before = baseline_engine_rows(args.baseline_commit, args.checkpoint, args.new_tokens)
-    for row, old in zip(rows, before):
-      row["tpot_before_s"] = old["tpot_s"]
   report = write_report(
-      "decode_speed", args.out, threads=args.threads, new_tokens=args.new_tokens, copy_bandwidth_Bps=args.bandwidth,
-      models=models, engine_rows=rows, baseline_commit=args.baseline_commit,
+      "decode_speed", args.out, threads=args.threads, new_tokens=args.new_tokens, models=models,
       extra_versions={"transformers": transformers.__version__, "torch": torch.__version__},
   )
-  print(f"copy bandwidth {args.bandwidth / 1e9:.1f} GB/s")
   for model in report["models"]:
-    print(f"{model['name']}: {model['active_bytes_per_token'] / 1e6:.0f} MB/token, "
-          f"bound {model['bandwidth_bound_tpot_s'] * 1e3:.2f} ms/token")
+    print(f"{model['name']}: {model['active_bytes_per_token'] / 1e6:.0f} MB/token read at "
+          f"{model['read_bandwidth_Bps'] / 1e9:.1f} GB/s: bound {model['bandwidth_bound_tpot_s'] * 1e3:.2f} ms/token")
     for r in model["rows"]:
       print(f"  {r['impl']:36s} batch {r['batch']}  TTFT {r['ttft_s'] * 1e3:7.2f} ms  TPOT {r['tpot_s'] * 1e3:7.2f} ms")
-  for r in rows:
-    before = f"{r['tpot_before_s'] * 1e3:7.2f}" if "tpot_before_s" in r else "      -"
-    print(f"  Engine {r['policy']:8s} slots {r['cache_slots']:3d}  TPOT before {before} ms  now "
-          f"{r['tpot_s'] * 1e3:7.2f} ms  hit {r['hit_ratio']:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,21 +1,23 @@
-"""Offloaded decoding under every policy: TPOT, hit ratio, bytes, CPU experts, cost split, edge-GPU estimates.
+"""Offloaded decoding under every policy on a model whose routing moves: hits by class, the oracle bound, bytes,
+CPU experts, TPOT here and estimated on the paper's GPUs.
 
-On the random ~128M-parameter Qwen2-MoE of `decode_speed.py`, for every
-registered policy at cache_slots E/4 and E/2 (smoe family at alpha 0.3,
-baselines at alpha 0), decodes twice:
-- the engine as users run it (the whole decode one jitted program, copies
-  into the cache slots and CPU experts inside it): TPOT (its run time per
-  decode step), hit ratio, bytes copied, CPU experts;
-- `Engine(profile=True)`: every stage its own jitted call, blocked on and
-  timed, giving per decode step the model's own work: attention, experts,
-  head, copies, CPU experts and the prefetch predictor.
-Staged calls carry their own dispatch and blocking cost, so the overhead is
-taken conservatively against the fully fused resident model instead: the
-engine's TPOT minus `Model.generate`'s TPOT (same run) minus the copies and
-CPU experts of a step. What remains is the scheduler's own compute, the
-host's dispatch and read-back, and any fusion the policy's step loses
-(goal: under 10% of a step). The estimator's TPOT on the paper's edge GPUs
-comes from the same trace (labelled estimates, `moejax.sim`).
+On the random ~128M-parameter Qwen2-MoE of `decode_speed.py` (built with a
+token embedding that makes its routing follow the token, `common.py`), every
+registered policy at cache_slots E/4 and E/2 decodes windows of held-out text
+(the shipped corpus, tokenised): the prompt prefilled, the continuation
+teacher-forced through the decode path. Each policy runs at its own setting:
+the smoe family and buddy at alpha 0.3 (buddy's alpha is its substitution
+tolerance), cache_prior at its strength log(1 + 0.3), smoe_release at its
+published 0.25 on its shared pool, the others at 0 (they have no alpha). Per
+row: hit ratio (resident + prefetch hits) and cache hit ratio (resident only),
+the Belady bound and the bound with substitution on the row's own routing at
+its cache size, distinct experts per layer and their step-to-step reuse (the
+routing moves), bytes copied (wasted prefetches among them), CPU experts,
+prefetch accuracy, TPOT on this machine (and forward-only, as the paper's code
+times it), and the pipeline estimator's TPOT for fp16 weights on the paper's
+GPUs (labelled estimates, `moejax.sim`). The load/CPU split uses the RTX 4060
+Ti profile's per-expert costs, so the schedule does not depend on this
+machine's clock.
 
   python benchmarks/offload_speed.py --out benchmarks/results/offload_speed.json
 """
@@ -23,51 +25,46 @@ comes from the same trace (labelled estimates, `moejax.sim`).
 from __future__ import annotations
 
 import argparse
+import os
 
 import numpy as np
-
-from common import (
-  DEFAULT_CHECKPOINT,
-  build_checkpoint,
-  decode_step_s,
-  time_model_generate,
-  warm_engine_run,
-  write_report,
-)
+from common import DEFAULT_CHECKPOINT, build_checkpoint, write_report
 
 EDGE_PROFILES = ("rtx3080ti_12gb", "rtx4060ti_16gb", "a6000_48gb")
-SMOE_FAMILY = ("smoe", "+cr", "+pre", "+ba")
+COSTS = "rtx4060ti_16gb"
+SETTINGS = {"+cr": 0.3, "+pre": 0.3, "+ba": 0.3, "smoe": 0.3, "buddy": 0.3, "cache_prior": 0.3, "smoe_release": None}
+HELDOUT = os.path.join(os.path.dirname(__file__), "..", "third_party", "world_english_bible", "heldout.txt")
 
 
-WORK = ("attention", "experts", "head", "copy", "cpu", "prefetch")
+def text_windows(num: int, length: int) -> np.ndarray:
+  """`[num, length]` windows of the held-out corpus, tokenised with the shipped model's tokenizer."""
+  import moejax
+  from moejax.eval import speed
+  from moejax.eval.tokenizer import load_tokenizer
+
+  return speed.text_windows(load_tokenizer(moejax.default_model_path()), HELDOUT, num, length)
 
 
-def run_policy(model, policy: str, slots: int, alpha: float, prompt: np.ndarray, new_tokens: int) -> dict:
-  from moejax.sim import estimate_tpot
+def run_policy(model, policy: str, slots: int, windows: np.ndarray, prompt_len: int) -> dict:
+  from moejax import Engine
+  from moejax.eval import speed
 
-  result = warm_engine_run(model, prompt, new_tokens, policy=policy, alpha=alpha, cache_slots=slots)
-  step_s = decode_step_s(result)
-  staged = warm_engine_run(model, prompt, new_tokens, policy=policy, alpha=alpha, cache_slots=slots,
-                           profile=True)
-  steps = sum(t.kind == "decode" for t in staged.trace)
-  per_step = {name: staged.stats["times_s"].get(name, 0.0) / steps for name in (*WORK, "plan")}
-  staged_step = float(np.mean([t.wall_s for t in staged.trace if t.kind == "decode"]))
-  s = result.stats
-  return {
-      "policy": policy, "alpha": alpha, "cache_slots": slots, "tpot_s": step_s, "profiled_step_s": staged_step,
-      "hit_ratio": s["hit_ratio"], "substitution_rate": s["substitution_rate"],
-      "bytes_to_device": s["bytes_to_device"], "cpu_experts": s["cpu_experts"],
-      "prefetch_accuracy_top": s["prefetch_accuracy_top"],
-      "stage_s": per_step, "split": {name: per_step[name] / step_s for name in WORK},
-      "estimated_tpot_s": {p: estimate_tpot(result.trace, p, target_dtype_bytes=2).tpot_s for p in EDGE_PROFILES},
-  }
+  engine = Engine(model, policy=policy, alpha=SETTINGS.get(policy, 0.0), cache_slots=slots, costs=COSTS,
+                  record_routing=True)
+  m = speed.measure_decode(engine, windows, prompt_len, profiles=EDGE_PROFILES, target_dtype_bytes=2)
+  measured = m["measured"]
+  measured.pop("per_layer")
+  return {"policy": policy, "alpha": engine.options.alpha, "cache_scope": engine.options.cache_scope,
+          "cache_slots": engine.num_slots, "cache_prior_strength": float(engine.consts.prior_strength),
+          **measured, "estimated_tpot_s": {p: m["estimate"][p]["tpot_s"] for p in EDGE_PROFILES}}
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
-  parser.add_argument("--new_tokens", type=int, default=24)
-  parser.add_argument("--alpha", type=float, default=0.3)
+  parser.add_argument("--windows", type=int, default=4)
+  parser.add_argument("--prompt_len", type=int, default=16)
+  parser.add_argument("--new_tokens", type=int, default=32)
   parser.add_argument("--out", default="benchmarks/results/offload_speed.json")
   args = parser.parse_args()
 
@@ -75,25 +72,21 @@ def main():
   from moejax.scheduling import POLICIES
 
   path = build_checkpoint(args.checkpoint)
-  host = moejax.load(path, experts="host")
-  resident = moejax.load(path)
+  host = moejax.load(path, dtype="float32", experts="host")
   e = host.config.num_experts
-  prompt = np.random.RandomState(0).randint(0, host.config.vocab_size, (1, 16))
-  _, fused_model_tpot = time_model_generate(resident, 1, args.new_tokens)
-  rows = [run_policy(resident, "resident", e, 0.0, prompt, args.new_tokens)]
+  windows = text_windows(args.windows, args.prompt_len + args.new_tokens)
+  rows = []
   for slots in (e // 4, e // 2):
     for policy in POLICIES:
-      if policy == "resident":
-        continue
-      alpha = args.alpha if policy in SMOE_FAMILY else 0.0
-      rows.append(run_policy(host, policy, slots, alpha, prompt, args.new_tokens))
+      rows.append(run_policy(host, policy, e if policy == "resident" else slots, windows, args.prompt_len))
       r = rows[-1]
-      print(f"{policy:12s} slots={slots:3d} alpha={alpha:.1f} TPOT {r['tpot_s'] * 1e3:7.2f} ms  "
-            f"hit {r['hit_ratio']:.3f}  MB copied {r['bytes_to_device'] / 1e6:7.1f}  cpu {r['cpu_experts']:4d}  "
-            f"predictor {r['split']['prefetch']:.0%}", flush=True)
+      print(f"{policy:12s} slots={r['cache_slots']:3d} alpha={r['alpha']:.2f} hit {r['hit_ratio']:.3f} "
+            f"cache {r['cache_hit_ratio']:.3f} Belady {r['belady_hit_ratio']:.3f} distinct {r['distinct_experts']:.1f} "
+            f"MB {r['bytes_to_device'] / 1e6:7.1f} cpu {r['cpu_experts']:4d} TPOT {r['tpot_s'] * 1e3:6.2f} ms "
+            f"est {r['estimated_tpot_s']['rtx4060ti_16gb'] * 1e3:6.3f} ms", flush=True)
   write_report("offload_speed", args.out, checkpoint="random Qwen2-MoE ~128M (benchmarks/common.py)",
-               new_tokens=args.new_tokens, estimate_target_dtype_bytes=2, fused_model_tpot_s=fused_model_tpot,
-               rows=rows)
+               windows=args.windows, prompt_len=args.prompt_len, new_tokens=args.new_tokens, costs=COSTS,
+               estimate_target_dtype_bytes=2, rows=rows)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import write_report
 
 from moejax.models.moe import ExpertWeights
 from moejax.offload import slots as slot_cache
 from moejax.offload.store import HostExpertStore
-
-from common import write_report
 
 
 def _best(fn, repeats: int) -> float:

@@ -16,7 +16,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/plot.py", loc
 def main(argv):
   del argv
   cfg = _CONFIG.value
-  out = lambda name: os.path.join(cfg.out_dir, name)  # noqa: E731
+  out = lambda name: os.path.join(cfg.out_dir, name)
   written = []
   if cfg.sweep:
     rows = sweep.load_rows(cfg.sweep)

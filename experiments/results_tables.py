@@ -9,6 +9,7 @@ leaves its table out.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -30,7 +31,7 @@ def _measured(row: Row) -> Mapping[str, Any]:
 
 
 def _fmt(value, digits: int = 3) -> str:
-  if value is None or value != value:  # None or NaN
+  if value is None or math.isnan(value):
     return "-"
   return f"{value:.{digits}f}"
 

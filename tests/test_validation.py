@@ -420,8 +420,9 @@ def test_padding_ids_outside_the_vocabulary_would_poison_the_row(model):
   ids, mask = np.array([[VOCAB, 1, 2], [0, 1, 2]]), np.array([[0, 1, 1], [0, 1, 1]])
   with pytest.raises(ValueError, match=rf"input_ids\[0, 0\] = {VOCAB} is outside the vocabulary"):
     model.forward(ids, mask)
-  logits, _ = model_lib._forward_jit(model.graphdef, model.state, model.experts_on_device(), ids,
-                                     model_lib.prompt_positions(mask), mask.astype(bool), model.init_caches(2, 3), 0)
+  forward, _ = model_lib._programs()
+  logits, _ = forward(model.graphdef, model.state, model.experts_on_device(), ids,
+                      model_lib.prompt_positions(mask), mask.astype(bool), model.init_caches(2, 3), 0)
   assert np.isnan(np.asarray(logits)[0, 1:]).all() and np.isfinite(np.asarray(logits)[1, 1:]).all()
 
 

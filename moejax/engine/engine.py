@@ -31,7 +31,6 @@ from flax import nnx
 from moejax import validation
 from moejax.engine import costs as costs_lib
 from moejax.engine import sampling, setup
-from moejax.engine.state import DecodeState, Residency, StepConfig, StepConstants, StepInput
 from moejax.engine.stages import (
   DecodeConfig,
   DecodeInput,
@@ -41,6 +40,7 @@ from moejax.engine.stages import (
   forward,
   step_program,
 )
+from moejax.engine.state import DecodeState, Residency, StepConfig, StepConstants, StepInput
 from moejax.engine.stats import LayerCounters, LayerRouting, RunStats, StepSummary
 from moejax.models.model import Model, bucket
 from moejax.offload.store import HostExpertStore

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import jax
@@ -155,7 +156,7 @@ def layer_facts(model: Model, spec: PolicySpec, layout: Sequence[LayerPlacement 
                  for l in range(config.num_layers))
   predictor_bytes, predictor = [0] * config.num_layers, [""] * config.num_layers
   moe_ids = config.moe_layer_ids
-  for l, nxt in zip(moe_ids, moe_ids[1:]):
+  for l, nxt in itertools.pairwise(moe_ids):
     if spec.prefetch is None or layout[nxt].residency != Residency.CACHED:
       continue
     predictor[l] = spec.prefetch

@@ -9,7 +9,7 @@ fast enough. The fit never extrapolates beyond the measured alphas.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -9,7 +9,7 @@ per token, recorded with `Engine(record_routing=True)`).
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp

@@ -25,7 +25,8 @@ request's score independent of the requests before it.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from lm_eval import utils as lm_eval_utils
@@ -117,7 +118,7 @@ class MoejaxLM(LM):
     self.run_stats = engine.new_run_stats()
 
   @classmethod
-  def from_options(cls, **options) -> "MoejaxLM":
+  def from_options(cls, **options) -> MoejaxLM:
     """Loads `pretrained` with routed experts on the host and builds the Engine from model_args.
 
     Options are the Engine's (`ENGINE_OPTIONS`) and the adapter's
@@ -137,12 +138,12 @@ class MoejaxLM(LM):
     return cls(engine, load_tokenizer(opts["pretrained"], opts.get("tokenizer")), **adapter_kw)
 
   @classmethod
-  def create_from_arg_obj(cls, arg_dict, additional_config=None) -> "MoejaxLM":
+  def create_from_arg_obj(cls, arg_dict, additional_config=None) -> MoejaxLM:
     extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
     return cls.from_options(**arg_dict, **extra)
 
   @classmethod
-  def create_from_arg_string(cls, arg_string, additional_config=None) -> "MoejaxLM":
+  def create_from_arg_string(cls, arg_string, additional_config=None) -> MoejaxLM:
     return cls.create_from_arg_obj(lm_eval_utils.simple_parse_args_string(arg_string), additional_config)
 
   @property

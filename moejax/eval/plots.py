@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import collections
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from moejax.eval.sweep import accuracy_metrics, tpot_of  # noqa: E402
-from moejax.scheduling import ABLATION  # noqa: E402
+from moejax.eval.sweep import accuracy_metrics, tpot_of
+from moejax.scheduling import ABLATION
 
 Row = Mapping[str, Any]
 

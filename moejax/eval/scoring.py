@@ -18,7 +18,7 @@ engine refuses rows that are all padding.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from lm_eval import utils as lm_eval_utils

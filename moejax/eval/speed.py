@@ -8,7 +8,8 @@ always labelled "estimate".
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from absl import logging
@@ -118,11 +119,11 @@ def measure_decode(
   if not 0 < prompt_len < windows.shape[1]:
     raise ValueError(f"prompt_len={prompt_len} must leave tokens to decode in windows of {windows.shape[1]}.")
 
-  def decode(run=None, forward_only=False, rows=len(windows)):
+  def decode(run=None, forward_only=False, rows=None):
     if run is None:
       engine.reset()
       run = engine.new_run_stats()
-    for i in range(0, rows, batch):
+    for i in range(0, len(windows) if rows is None else rows, batch):
       w = windows[i : i + batch]
       engine.generate(w[:, :prompt_len], w.shape[1] - prompt_len, forced_tokens=w[:, prompt_len:], run_stats=run,
                       forward_only=forward_only)

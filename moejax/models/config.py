@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 
@@ -466,7 +467,10 @@ class _Fields(Mapping):
     return len(self._d)
 
   def get(self, key, default=None):
-    return self[key] if key in self else default
+    try:
+      return self[key]
+    except KeyError:
+      return default
 
 
 def from_hf_config(d: Mapping[str, Any]) -> MoEConfig:

@@ -9,7 +9,7 @@ routed experts, as an NNX module) and the routed experts per layer as
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

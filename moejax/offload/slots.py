@@ -101,7 +101,7 @@ def resolve_cache_slots(
   elif cache_fraction is not None:
     if not 0 < cache_fraction <= 1:
       raise ValueError(f"cache_fraction must be in (0, 1], got {cache_fraction}.")
-    slots = int(math.floor(cache_fraction * e))
+    slots = math.floor(cache_fraction * e)
   else:
     slots = e if cache_slots is None else int(cache_slots)
   if slots < 0:

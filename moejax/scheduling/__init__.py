@@ -37,14 +37,14 @@ from moejax.scheduling.similarity import (
 
 __all__ = [
   "ABLATION",
+  "EVICTION_POLICIES",
+  "POLICIES",
+  "SIMILARITY_SOURCES",
   "Admission",
   "CacheState",
   "CostModel",
-  "EVICTION_POLICIES",
-  "POLICIES",
   "Plan",
   "PolicySpec",
-  "SIMILARITY_SOURCES",
   "activation_targets",
   "admit",
   "buddy_route",

@@ -1,6 +1,7 @@
 """One accounting for every policy (SPEC section 5b), and a prefetch predictor that does not read the answer."""
 
 import pathlib
+from typing import ClassVar
 
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +9,8 @@ import pytest
 import transformers
 
 import moejax
-from moejax.engine import Engine, engine as engine_lib, stages
+from moejax.engine import Engine, stages
+from moejax.engine import engine as engine_lib
 from moejax.engine.schedule import prefetch_layer
 from moejax.scheduling import POLICIES
 from tests.engine.conftest import TOP_K
@@ -54,7 +56,7 @@ def test_every_pair_is_counted_exactly_once(host_model, policy):
 class _RecordingOps(stages.StagedOps):
   """Staged stages that keep, per decoder layer, the real router scores and the scores its prefetch was given."""
 
-  log: list = []
+  log: ClassVar[list] = []
 
   def run(self, name, layer, fn, *args, donate=()):
     out = super().run(name, layer, fn, *args, donate=donate)

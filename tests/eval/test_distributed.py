@@ -6,7 +6,6 @@ others finish; a driver killed mid-sweep and restarted completes the file withou
 Every process here shares one JAX compilation cache, so a program compiles once for the whole module.
 """
 
-import json
 import os
 import pathlib
 import signal

@@ -47,7 +47,7 @@ def requests(kind, args):
 
 def test_loglikelihood_matches_forward(lm, resident_model):
   results = lm.loglikelihood(requests("loglikelihood", list(zip(CONTEXTS, CONTINUATIONS))))
-  for (ctx, cont), (logp, greedy) in zip(map(lambda a: lm._encode_pair(*a), zip(CONTEXTS, CONTINUATIONS)), results):
+  for (ctx, cont), (logp, greedy) in zip((lm._encode_pair(c, t) for c, t in zip(CONTEXTS, CONTINUATIONS)), results):
     ctx, cont = scoring.truncate(ctx, cont, lm.max_length)
     want_logp, want_greedy = direct_score(resident_model, ctx, cont)
     np.testing.assert_allclose(logp, want_logp, atol=2e-4)

@@ -22,9 +22,10 @@ def silu(x):
 
 RNG = np.random.default_rng(0)
 E, D, F, N = 5, 6, 4, 7
-W_GATE = RNG.normal(size=(E, D, F)).astype(np.float32)
-W_UP = RNG.normal(size=(E, D, F)).astype(np.float32)
-W_DOWN = RNG.normal(size=(E, F, D)).astype(np.float32)
+# The checkpoint layout, [out, in]: gate/up [E, F, D], down [E, D, F].
+W_GATE = RNG.normal(size=(E, F, D)).astype(np.float32)
+W_UP = RNG.normal(size=(E, F, D)).astype(np.float32)
+W_DOWN = RNG.normal(size=(E, D, F)).astype(np.float32)
 
 
 def test_router_cosine():
@@ -44,7 +45,7 @@ def test_expert_weight_cosine():
 @pytest.mark.parametrize("chunk", [3, 64])  # padded last chunk / one chunk
 def test_expert_output_similarity(chunk):
   x = RNG.normal(size=(N, D)).astype(np.float32)
-  outputs = [[(silu(x[n] @ W_GATE[e]) * (x[n] @ W_UP[e])) @ W_DOWN[e] for n in range(N)] for e in range(E)]
+  outputs = [[W_DOWN[e] @ (silu(W_GATE[e] @ x[n]) * (W_UP[e] @ x[n])) for n in range(N)] for e in range(E)]
   expected = np.array(
     [[np.mean([cosine(outputs[e][n], outputs[c][n]) for n in range(N)]) for c in range(E)] for e in range(E)]
   )

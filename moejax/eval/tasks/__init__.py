@@ -23,4 +23,4 @@ def task_manager(include_defaults: bool = True):
   return TaskManager(include_path=TASKS_DIR, include_defaults=include_defaults)
 
 
-__all__ = ["TAG", "PARAGRAPHS_PATH", "TASKS_DIR", "TASK_NAMES", "task_manager"]
+__all__ = ["PARAGRAPHS_PATH", "TAG", "TASKS_DIR", "TASK_NAMES", "task_manager"]
