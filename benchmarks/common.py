@@ -16,9 +16,19 @@ CACHE = os.path.expanduser("~/.cache/moejax")
 
 # The ~128M-parameter random Qwen2-MoE of the benchmarks: 8 layers, 32 experts, top-4, hidden 512.
 BENCH_CONFIG = dict(
-    model_type="qwen2_moe", vocab_size=16384, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
-    shared_expert_intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-    num_experts=32, num_experts_per_tok=4, norm_topk_prob=False, max_position_embeddings=2048,
+  model_type="qwen2_moe",
+  vocab_size=16384,
+  hidden_size=512,
+  intermediate_size=1024,
+  moe_intermediate_size=256,
+  shared_expert_intermediate_size=1024,
+  num_hidden_layers=8,
+  num_attention_heads=8,
+  num_key_value_heads=4,
+  num_experts=32,
+  num_experts_per_tok=4,
+  norm_topk_prob=False,
+  max_position_embeddings=2048,
 )
 # v2: built by `build_random_checkpoint` (routing that moves); the v1 checkpoint's routing collapsed.
 DEFAULT_CHECKPOINT = os.path.join(CACHE, "bench_qwen2_moe_128m_v2")
@@ -31,8 +41,9 @@ DEFAULT_CHECKPOINT = os.path.join(CACHE, "bench_qwen2_moe_128m_v2")
 EMBED_STD = 1.0
 
 
-def build_random_checkpoint(path: str, config: dict, dtype: str = "float32", seed: int = 0,
-                            embed_std: float = EMBED_STD) -> str:
+def build_random_checkpoint(
+  path: str, config: dict, dtype: str = "float32", seed: int = 0, embed_std: float = EMBED_STD
+) -> str:
   """Writes a random HF checkpoint with transformers' `save_pretrained` (once) and returns its path.
 
   Args:
@@ -103,12 +114,16 @@ def write_report(name: str, path: str, extra_versions: dict | None = None, **fie
   import jax
 
   report = {
-      "benchmark": name,
-      "date": datetime.datetime.now().isoformat(timespec="seconds"),
-      "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                  "cpus": os.cpu_count(), "jax_device": str(jax.devices()[0])},
-      "versions": {"jax": jax.__version__, "python": platform.python_version(), **(extra_versions or {})},
-      **fields,
+    "benchmark": name,
+    "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    "machine": {
+      "platform": platform.platform(),
+      "processor": platform.processor() or platform.machine(),
+      "cpus": os.cpu_count(),
+      "jax_device": str(jax.devices()[0]),
+    },
+    "versions": {"jax": jax.__version__, "python": platform.python_version(), **(extra_versions or {})},
+    **fields,
   }
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path, "w") as f:

@@ -98,30 +98,55 @@ def model_rows(name: str, path: str, args, llama: bool) -> dict:
     import llama_cpp
 
     try:
-      lr = llama_cpp.bench(llama_cpp.convert(path, moejax.default_model_path()), threads=args.threads,
-                           new_tokens=args.new_tokens)
+      lr = llama_cpp.bench(
+        llama_cpp.convert(path, moejax.default_model_path()), threads=args.threads, new_tokens=args.new_tokens
+      )
       tpot_llama = lr["tpot_s"]
-      rows.append({"impl": "llama.cpp (GGUF f32)", "batch": 1, "ttft_s": lr["ttft_s"], "tpot_s": lr["tpot_s"],
-                   "of_bandwidth_bound": bound / lr["tpot_s"], "build": lr["build"]})
+      rows.append(
+        {
+          "impl": "llama.cpp (GGUF f32)",
+          "batch": 1,
+          "ttft_s": lr["ttft_s"],
+          "tpot_s": lr["tpot_s"],
+          "of_bandwidth_bound": bound / lr["tpot_s"],
+          "build": lr["build"],
+        }
+      )
     except (RuntimeError, OSError, subprocess.CalledProcessError) as err:
       print(f"llama.cpp skipped: {err}", flush=True)
   for batch in (1, 4):
     hf_ttft, hf = time_transformers(path, batch, args.new_tokens, args.threads, c.vocab_size)
     ttft, ours = time_model_generate(resident, batch, args.new_tokens)
     rows.append({"impl": "transformers", "batch": batch, "ttft_s": hf_ttft, "tpot_s": hf})
-    row = {"impl": "moejax Model.generate (resident)", "batch": batch, "ttft_s": ttft, "tpot_s": ours,
-           "vs_transformers": ours / hf, "of_bandwidth_bound": bound / ours}
+    row = {
+      "impl": "moejax Model.generate (resident)",
+      "batch": batch,
+      "ttft_s": ttft,
+      "tpot_s": ours,
+      "vs_transformers": ours / hf,
+      "of_bandwidth_bound": bound / ours,
+    }
     if batch == 1 and tpot_llama:
       row["vs_llama_cpp"] = ours / tpot_llama
     rows.append(row)
   params = int(sum(a.size for a in jax.tree.leaves(resident.state))) + len(c.moe_layer_ids) * c.num_experts * (
-      c.expert_param_count())
+    c.expert_param_count()
+  )
   for row in rows:
     if row.get("of_bandwidth_bound", 0) > 1:
-      raise RuntimeError(f"{row['impl']} on {name} ran at {row['of_bandwidth_bound']:.0%} of the read-bandwidth "
-                         "bound: the benchmark counts fewer bytes than are read, or timed something else.")
-  return {"name": name, "checkpoint": path, "params": params, "active_bytes_per_token": active_bytes_per_token(c),
-          "read_bandwidth_Bps": bandwidth, "bandwidth_bound_tpot_s": bound, "rows": rows}
+      raise RuntimeError(
+        f"{row['impl']} on {name} ran at {row['of_bandwidth_bound']:.0%} of the read-bandwidth "
+        "bound: the benchmark counts fewer bytes than are read, or timed something else."
+      )
+  return {
+    "name": name,
+    "checkpoint": path,
+    "params": params,
+    "active_bytes_per_token": active_bytes_per_token(c),
+    "read_bandwidth_Bps": bandwidth,
+    "bandwidth_bound_tpot_s": bound,
+    "rows": rows,
+  }
 
 
 def main():
@@ -139,15 +164,23 @@ def main():
   import moejax
 
   build_checkpoint(args.checkpoint)
-  models = [model_rows("shipped default model", moejax.default_model_path(), args, llama=args.llama_cpp),
-            model_rows("random Qwen2-MoE 128M", args.checkpoint, args, llama=args.llama_cpp)]
+  models = [
+    model_rows("shipped default model", moejax.default_model_path(), args, llama=args.llama_cpp),
+    model_rows("random Qwen2-MoE 128M", args.checkpoint, args, llama=args.llama_cpp),
+  ]
   report = write_report(
-      "decode_speed", args.out, threads=args.threads, new_tokens=args.new_tokens, models=models,
-      extra_versions={"transformers": transformers.__version__, "torch": torch.__version__},
+    "decode_speed",
+    args.out,
+    threads=args.threads,
+    new_tokens=args.new_tokens,
+    models=models,
+    extra_versions={"transformers": transformers.__version__, "torch": torch.__version__},
   )
   for model in report["models"]:
-    print(f"{model['name']}: {model['active_bytes_per_token'] / 1e6:.0f} MB/token read at "
-          f"{model['read_bandwidth_Bps'] / 1e9:.1f} GB/s: bound {model['bandwidth_bound_tpot_s'] * 1e3:.2f} ms/token")
+    print(
+      f"{model['name']}: {model['active_bytes_per_token'] / 1e6:.0f} MB/token read at "
+      f"{model['read_bandwidth_Bps'] / 1e9:.1f} GB/s: bound {model['bandwidth_bound_tpot_s'] * 1e3:.2f} ms/token"
+    )
     for r in model["rows"]:
       print(f"  {r['impl']:36s} batch {r['batch']}  TTFT {r['ttft_s'] * 1e3:7.2f} ms  TPOT {r['tpot_s'] * 1e3:7.2f} ms")
 

@@ -47,9 +47,15 @@ def device_memory(path: str, new_tokens: int) -> dict:
   kv = _nbytes(model.init_caches(1, 16 + new_tokens))
   bound = 1.1 * (_nbytes(model.state) + slots + layer_experts + kv)
   peak = None if not stats else int(stats.get("peak_bytes_in_use", 0))
-  return {"peak_device_bytes": peak, "bound_bytes": int(bound), "non_expert_bytes": _nbytes(model.state),
-          "slot_bytes": int(slots), "layer_expert_bytes": layer_experts, "kv_bytes": kv,
-          "within_bound": None if peak is None else peak <= bound}
+  return {
+    "peak_device_bytes": peak,
+    "bound_bytes": int(bound),
+    "non_expert_bytes": _nbytes(model.state),
+    "slot_bytes": int(slots),
+    "layer_expert_bytes": layer_experts,
+    "kv_bytes": kv,
+    "within_bound": None if peak is None else peak <= bound,
+  }
 
 
 def slot_fill_speed(path: str, repeats: int = 10) -> dict:
@@ -65,8 +71,9 @@ def slot_fill_speed(path: str, repeats: int = 10) -> dict:
   ids = jnp.arange(k, dtype=jnp.int32)
   buffers = [slot_cache.empty_slots(c, k, model.dtype)]
   nbytes = k * c.expert_param_count() * jnp.dtype(model.dtype).itemsize
-  pinned_block = jax.device_put(jax.tree.map(lambda a: a[:k], layer),
-                                jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host"))
+  pinned_block = jax.device_put(
+    jax.tree.map(lambda a: a[:k], layer), jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+  )
 
   def fill():
     buffers[0] = jax.block_until_ready(slot_cache.write_slots(buffers[0], layer, ids, ids))
@@ -91,19 +98,26 @@ def main():
   parser.add_argument("--checkpoint", required=True)
   parser.add_argument("--new_tokens", type=int, default=32)
   args = parser.parse_args()
-  report = {"backend": jax.default_backend(), "device": str(jax.devices()[0]),
-            "memory": device_memory(args.checkpoint, args.new_tokens),
-            "transfer": slot_fill_speed(args.checkpoint)}
+  report = {
+    "backend": jax.default_backend(),
+    "device": str(jax.devices()[0]),
+    "memory": device_memory(args.checkpoint, args.new_tokens),
+    "transfer": slot_fill_speed(args.checkpoint),
+  }
   print(json.dumps(report, indent=2))
   t = report["transfer"]
-  print(f"host->device: engine slot fill {t['slot_fill_GBps']:.2f} GB/s, plain device_put {t['device_put_GBps']:.2f} "
-        f"GB/s ({t['experts']} experts, {t['bytes'] / 1e6:.1f} MB)")
+  print(
+    f"host->device: engine slot fill {t['slot_fill_GBps']:.2f} GB/s, plain device_put {t['device_put_GBps']:.2f} "
+    f"GB/s ({t['experts']} experts, {t['bytes'] / 1e6:.1f} MB)"
+  )
   m = report["memory"]
   if m["peak_device_bytes"] is None:
     print("peak device memory: not reported by this backend")
   else:
-    print(f"peak device memory {m['peak_device_bytes'] / 1e6:.1f} MB, bound {m['bound_bytes'] / 1e6:.1f} MB: "
-          f"{'ok' if m['within_bound'] else 'EXCEEDED'}")
+    print(
+      f"peak device memory {m['peak_device_bytes'] / 1e6:.1f} MB, bound {m['bound_bytes'] / 1e6:.1f} MB: "
+      f"{'ok' if m['within_bound'] else 'EXCEEDED'}"
+    )
   sys.exit(0 if m["within_bound"] in (None, True) else 1)
 
 

@@ -61,8 +61,10 @@ def source_dir(cache: str = CACHE) -> str:
     return found[-1]
   os.makedirs(cache, exist_ok=True)
   print("downloading the llama-cpp-python source distribution ...", flush=True)
-  _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "llama-cpp-python", "-d", cache],
-       os.path.join(cache, "download.log"))
+  _run(
+    [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "llama-cpp-python", "-d", cache],
+    os.path.join(cache, "download.log"),
+  )
   (sdist,) = glob.glob(os.path.join(cache, "llama_cpp_python-*.tar.gz"))
   shutil.unpack_archive(sdist, cache)
   return source_dir(cache)
@@ -74,11 +76,26 @@ def build_llama_bench(cache: str = CACHE) -> str:
   binary = os.path.join(src, "build", "bin", "llama-bench")
   if not os.path.exists(binary):
     print("building llama-bench (a few minutes, once) ...", flush=True)
-    _run(["cmake", "-S", src, "-B", os.path.join(src, "build"), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
-          "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
-         os.path.join(cache, "cmake.log"))
-    _run(["cmake", "--build", os.path.join(src, "build"), "--target", "llama-bench", "-j", str(os.cpu_count())],
-         os.path.join(cache, "build.log"))
+    _run(
+      [
+        "cmake",
+        "-S",
+        src,
+        "-B",
+        os.path.join(src, "build"),
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DGGML_NATIVE=ON",
+        "-DLLAMA_CURL=OFF",
+        "-DLLAMA_BUILD_TESTS=OFF",
+        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_SERVER=OFF",
+      ],
+      os.path.join(cache, "cmake.log"),
+    )
+    _run(
+      ["cmake", "--build", os.path.join(src, "build"), "--target", "llama-bench", "-j", str(os.cpu_count())],
+      os.path.join(cache, "build.log"),
+    )
   return binary
 
 
@@ -95,23 +112,42 @@ def convert(checkpoint: str, tokenizer_dir: str, cache: str = CACHE, outtype: st
       if not os.path.exists(os.path.join(tmp, f)):
         shutil.copy(os.path.join(tokenizer_dir, f), tmp)
     print(f"converting {checkpoint} to GGUF {outtype} ...", flush=True)
-    _run([sys.executable, "-c", _CONVERT, tmp, out + ".tmp", outtype], os.path.join(cache, f"convert_{name}.log"),
-         cwd=source_dir(cache))
+    _run(
+      [sys.executable, "-c", _CONVERT, tmp, out + ".tmp", outtype],
+      os.path.join(cache, f"convert_{name}.log"),
+      cwd=source_dir(cache),
+    )
   os.replace(out + ".tmp", out)
   return out
 
 
-def bench(gguf: str, *, threads: int, prompt_tokens: int = 16, new_tokens: int = 32, repeats: int = 5,
-          cache: str = CACHE) -> dict:
+def bench(
+  gguf: str, *, threads: int, prompt_tokens: int = 16, new_tokens: int = 32, repeats: int = 5, cache: str = CACHE
+) -> dict:
   """llama-bench on `gguf`: {"ttft_s", "tpot_s", "tg_tokens_per_s", "pp_tokens_per_s", "build"}.
 
   TPOT is 1 / generation speed of `new_tokens` tokens (batch 1, from an
   empty context); TTFT is the prompt pass of `prompt_tokens` tokens.
   """
   out = subprocess.run(
-      [build_llama_bench(cache), "-m", gguf, "-t", str(threads), "-p", str(prompt_tokens), "-n", str(new_tokens),
-       "-r", str(repeats), "-o", "json"],
-      capture_output=True, text=True, check=False,
+    [
+      build_llama_bench(cache),
+      "-m",
+      gguf,
+      "-t",
+      str(threads),
+      "-p",
+      str(prompt_tokens),
+      "-n",
+      str(new_tokens),
+      "-r",
+      str(repeats),
+      "-o",
+      "json",
+    ],
+    capture_output=True,
+    text=True,
+    check=False,
   )
   if out.returncode:
     errors = [line for line in out.stderr.splitlines() if "error" in line]
@@ -120,8 +156,11 @@ def bench(gguf: str, *, threads: int, prompt_tokens: int = 16, new_tokens: int =
   (pp,) = [r for r in rows if r["n_prompt"] > 0]
   (tg,) = [r for r in rows if r["n_gen"] > 0]
   return {
-      "ttft_s": prompt_tokens / pp["avg_ts"], "tpot_s": 1.0 / tg["avg_ts"], "tg_tokens_per_s": tg["avg_ts"],
-      "pp_tokens_per_s": pp["avg_ts"], "build": f"{tg.get('build_commit', '?')} ({tg.get('cpu_info', '?')})",
+    "ttft_s": prompt_tokens / pp["avg_ts"],
+    "tpot_s": 1.0 / tg["avg_ts"],
+    "tg_tokens_per_s": tg["avg_ts"],
+    "pp_tokens_per_s": pp["avg_ts"],
+    "build": f"{tg.get('build_commit', '?')} ({tg.get('cpu_info', '?')})",
   }
 
 

@@ -49,14 +49,21 @@ def run_policy(model, policy: str, slots: int, windows: np.ndarray, prompt_len: 
   from moejax import Engine
   from moejax.eval import speed
 
-  engine = Engine(model, policy=policy, alpha=SETTINGS.get(policy, 0.0), cache_slots=slots, costs=COSTS,
-                  record_routing=True)
+  engine = Engine(
+    model, policy=policy, alpha=SETTINGS.get(policy, 0.0), cache_slots=slots, costs=COSTS, record_routing=True
+  )
   m = speed.measure_decode(engine, windows, prompt_len, profiles=EDGE_PROFILES, target_dtype_bytes=2)
   measured = m["measured"]
   measured.pop("per_layer")
-  return {"policy": policy, "alpha": engine.options.alpha, "cache_scope": engine.options.cache_scope,
-          "cache_slots": engine.num_slots, "cache_prior_strength": float(engine.consts.prior_strength),
-          **measured, "estimated_tpot_s": {p: m["estimate"][p]["tpot_s"] for p in EDGE_PROFILES}}
+  return {
+    "policy": policy,
+    "alpha": engine.options.alpha,
+    "cache_scope": engine.options.cache_scope,
+    "cache_slots": engine.num_slots,
+    "cache_prior_strength": float(engine.consts.prior_strength),
+    **measured,
+    "estimated_tpot_s": {p: m["estimate"][p]["tpot_s"] for p in EDGE_PROFILES},
+  }
 
 
 def main():
@@ -80,13 +87,24 @@ def main():
     for policy in POLICIES:
       rows.append(run_policy(host, policy, e if policy == "resident" else slots, windows, args.prompt_len))
       r = rows[-1]
-      print(f"{policy:12s} slots={r['cache_slots']:3d} alpha={r['alpha']:.2f} hit {r['hit_ratio']:.3f} "
-            f"cache {r['cache_hit_ratio']:.3f} Belady {r['belady_hit_ratio']:.3f} distinct {r['distinct_experts']:.1f} "
-            f"MB {r['bytes_to_device'] / 1e6:7.1f} cpu {r['cpu_experts']:4d} TPOT {r['tpot_s'] * 1e3:6.2f} ms "
-            f"est {r['estimated_tpot_s']['rtx4060ti_16gb'] * 1e3:6.3f} ms", flush=True)
-  write_report("offload_speed", args.out, checkpoint="random Qwen2-MoE ~128M (benchmarks/common.py)",
-               windows=args.windows, prompt_len=args.prompt_len, new_tokens=args.new_tokens, costs=COSTS,
-               estimate_target_dtype_bytes=2, rows=rows)
+      print(
+        f"{policy:12s} slots={r['cache_slots']:3d} alpha={r['alpha']:.2f} hit {r['hit_ratio']:.3f} "
+        f"cache {r['cache_hit_ratio']:.3f} Belady {r['belady_hit_ratio']:.3f} distinct {r['distinct_experts']:.1f} "
+        f"MB {r['bytes_to_device'] / 1e6:7.1f} cpu {r['cpu_experts']:4d} TPOT {r['tpot_s'] * 1e3:6.2f} ms "
+        f"est {r['estimated_tpot_s']['rtx4060ti_16gb'] * 1e3:6.3f} ms",
+        flush=True,
+      )
+  write_report(
+    "offload_speed",
+    args.out,
+    checkpoint="random Qwen2-MoE ~128M (benchmarks/common.py)",
+    windows=args.windows,
+    prompt_len=args.prompt_len,
+    new_tokens=args.new_tokens,
+    costs=COSTS,
+    estimate_target_dtype_bytes=2,
+    rows=rows,
+  )
 
 
 if __name__ == "__main__":

@@ -50,27 +50,64 @@ from common import CACHE, build_random_checkpoint, routing_spread, write_report
 SCALE_CACHE = os.path.join(CACHE, "scale")
 VOCAB = 4096  # the shipped tokenizer's: held-out text drives the decode, llama.cpp converts with it
 _QWEN_A27B = {
-    "model_type": "qwen2_moe", "vocab_size": VOCAB, "hidden_size": 2048, "intermediate_size": 5632,
-    "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632, "num_attention_heads": 16,
-    "num_key_value_heads": 16, "num_experts": 60, "num_experts_per_tok": 4, "norm_topk_prob": False,
-    "max_position_embeddings": 8192, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "qkv_bias": True,
-    "tie_word_embeddings": False,
+  "model_type": "qwen2_moe",
+  "vocab_size": VOCAB,
+  "hidden_size": 2048,
+  "intermediate_size": 5632,
+  "moe_intermediate_size": 1408,
+  "shared_expert_intermediate_size": 5632,
+  "num_attention_heads": 16,
+  "num_key_value_heads": 16,
+  "num_experts": 60,
+  "num_experts_per_tok": 4,
+  "norm_topk_prob": False,
+  "max_position_embeddings": 8192,
+  "rope_theta": 1000000.0,
+  "rms_norm_eps": 1e-6,
+  "qkv_bias": True,
+  "tie_word_embeddings": False,
 }
 MODELS = {
-    "qwen_a27b_2l": {**_QWEN_A27B, "num_hidden_layers": 2},
-    "qwen_a27b_4l": {**_QWEN_A27B, "num_hidden_layers": 4},
-    "dsv2_lite_2l": {
-        "model_type": "deepseek_v2", "vocab_size": VOCAB, "hidden_size": 2048, "intermediate_size": 10944,
-        "moe_intermediate_size": 1408, "num_hidden_layers": 2, "num_attention_heads": 16, "num_key_value_heads": 16,
-        "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
-        "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6, "first_k_dense_replace": 0,
-        "topk_method": "greedy", "norm_topk_prob": False, "routed_scaling_factor": 1.0, "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-    },
-    # A few MB, for the dry run of gpu_check.sh (not one of the measured shapes).
-    "tiny": {**_QWEN_A27B, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
-             "shared_expert_intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 4,
-             "num_experts": 8, "num_experts_per_tok": 2, "num_hidden_layers": 2},
+  "qwen_a27b_2l": {**_QWEN_A27B, "num_hidden_layers": 2},
+  "qwen_a27b_4l": {**_QWEN_A27B, "num_hidden_layers": 4},
+  "dsv2_lite_2l": {
+    "model_type": "deepseek_v2",
+    "vocab_size": VOCAB,
+    "hidden_size": 2048,
+    "intermediate_size": 10944,
+    "moe_intermediate_size": 1408,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "q_lora_rank": None,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "n_routed_experts": 64,
+    "n_shared_experts": 2,
+    "num_experts_per_tok": 6,
+    "first_k_dense_replace": 0,
+    "topk_method": "greedy",
+    "norm_topk_prob": False,
+    "routed_scaling_factor": 1.0,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+  },
+  # A few MB, for the dry run of gpu_check.sh (not one of the measured shapes).
+  "tiny": {
+    **_QWEN_A27B,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "num_hidden_layers": 2,
+  },
 }
 MEASURED = ("qwen_a27b_2l", "qwen_a27b_4l", "dsv2_lite_2l")
 POLICIES = ("resident", "lru", "smoe")
@@ -136,8 +173,9 @@ def case_engine(path: str, dtype: str, policy: str) -> dict:
     engine = Engine(moejax.load(path, dtype=dtype, progress=False), policy="resident", record_routing=True)
   else:
     alpha = 0.3 if policy == "smoe" else 0.0
-    engine = Engine.from_pretrained(path, dtype=dtype, policy=policy, alpha=alpha, cache_fraction=0.25,
-                                    record_routing=True)
+    engine = Engine.from_pretrained(
+      path, dtype=dtype, policy=policy, alpha=alpha, cache_fraction=0.25, record_routing=True
+    )
   load_s = time.perf_counter() - t
   load_peak = _memory()["VmHWM"] - base
   t = time.perf_counter()
@@ -153,18 +191,30 @@ def case_engine(path: str, dtype: str, policy: str) -> dict:
   s = result.stats
   model = engine.model
   weights = sum(a.nbytes for a in jax.tree.leaves(model.state)) + sum(
-      a.nbytes for w in model.experts if w is not None for a in w)
+    a.nbytes for w in model.experts if w is not None for a in w
+  )
   c = model.config
   slots = int(0.25 * c.num_experts) if policy != "resident" else 0
   cache = slots * c.expert_param_count() * jax.numpy.dtype(model.dtype).itemsize * len(c.moe_layer_ids)
   return {
-      "impl": "moejax", "policy": policy, "alpha": 0.3 if policy == "smoe" else 0.0, "load_s": load_s,
-      "import_rss_bytes": base - start, "peak_load_rss_bytes": load_peak, "peak_rss_bytes": _memory()["VmHWM"] - base,
-      "weight_bytes": weights,
-      "device_cache_bytes": cache, "compile_s": first_s - warm_s, "ttft_s": s["ttft_s"], "tpot_s": s["tpot_s"],
-      "tpot_runs_s": [r.stats["tpot_s"] for _, r in runs], "hit_ratio": s["hit_ratio"],
-      "bytes_to_device": s["bytes_to_device"], "decode_steps": s["decode_steps"], "cpu_experts": s["cpu_experts"],
-      "routing": routing_spread(result.routing, model.config.num_experts_per_tok),
+    "impl": "moejax",
+    "policy": policy,
+    "alpha": 0.3 if policy == "smoe" else 0.0,
+    "load_s": load_s,
+    "import_rss_bytes": base - start,
+    "peak_load_rss_bytes": load_peak,
+    "peak_rss_bytes": _memory()["VmHWM"] - base,
+    "weight_bytes": weights,
+    "device_cache_bytes": cache,
+    "compile_s": first_s - warm_s,
+    "ttft_s": s["ttft_s"],
+    "tpot_s": s["tpot_s"],
+    "tpot_runs_s": [r.stats["tpot_s"] for _, r in runs],
+    "hit_ratio": s["hit_ratio"],
+    "bytes_to_device": s["bytes_to_device"],
+    "decode_steps": s["decode_steps"],
+    "cpu_experts": s["cpu_experts"],
+    "routing": routing_spread(result.routing, model.config.num_experts_per_tok),
   }
 
 
@@ -196,9 +246,15 @@ def case_transformers(path: str, dtype: str, threads: int) -> dict:
   decode()  # warm-up
   runs = [decode() for _ in range(3)]
   ttft, tpot = min(runs, key=lambda r: r[1])
-  return {"impl": "transformers", "load_s": load_s, "peak_load_rss_bytes": load_peak,
-          "peak_rss_bytes": _memory()["VmHWM"] - base, "ttft_s": ttft,
-          "tpot_s": tpot, "tpot_runs_s": [r[1] for r in runs]}
+  return {
+    "impl": "transformers",
+    "load_s": load_s,
+    "peak_load_rss_bytes": load_peak,
+    "peak_rss_bytes": _memory()["VmHWM"] - base,
+    "ttft_s": ttft,
+    "tpot_s": tpot,
+    "tpot_runs_s": [r[1] for r in runs],
+  }
 
 
 def case_prompt(path: str, dtype: str, impl: str, threads: int) -> dict:
@@ -280,9 +336,9 @@ def case_paths(path: str, dtype: str, repeats: int = 9) -> dict:
     return slots[0]
 
   paths = {
-      "resident": lambda: experts(x, resident, ids[None], mix, act=c.hidden_act),
-      "cpu": lambda: cpu(x, store, ids[None], mix, jnp.ones((1, k), bool), act=c.hidden_act),
-      "copy": fill,
+    "resident": lambda: experts(x, resident, ids[None], mix, act=c.hidden_act),
+    "cpu": lambda: cpu(x, store, ids[None], mix, jnp.ones((1, k), bool), act=c.hidden_act),
+    "copy": fill,
   }
   times = {name: [] for name in paths}
   for fn in paths.values():
@@ -293,9 +349,13 @@ def case_paths(path: str, dtype: str, repeats: int = 9) -> dict:
       jax.block_until_ready(fn())
       times[name].append(time.perf_counter() - t)
   nbytes = k * c.expert_param_count() * jnp.dtype(model.dtype).itemsize
-  return {"impl": "expert paths", "experts": k, "bytes": nbytes,
-          "GBps": {name: nbytes / float(np.median(t)) / 1e9 for name, t in times.items()},
-          "spread_GBps": {name: [nbytes / max(t) / 1e9, nbytes / min(t) / 1e9] for name, t in times.items()}}
+  return {
+    "impl": "expert paths",
+    "experts": k,
+    "bytes": nbytes,
+    "GBps": {name: nbytes / float(np.median(t)) / 1e9 for name, t in times.items()},
+    "spread_GBps": {name: [nbytes / max(t) / 1e9, nbytes / min(t) / 1e9] for name, t in times.items()},
+  }
 
 
 def run_case(case: dict) -> dict:
@@ -318,8 +378,13 @@ def in_subprocess(case: dict) -> dict:
   if case.get("compilation_cache"):
     env["JAX_COMPILATION_CACHE_DIR"] = case["compilation_cache"]
   load = os.getloadavg()[0]  # this machine is shared: the 1-minute load average before the case, as a noise marker
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--case", json.dumps(case)], env=env,
-                        capture_output=True, text=True, check=False)
+  proc = subprocess.run(
+    [sys.executable, os.path.abspath(__file__), "--case", json.dumps(case)],
+    env=env,
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   if proc.returncode:
     errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]
     return {"error": (errors or [f"exit {proc.returncode}"])[-1].strip()[:300]}
@@ -345,46 +410,105 @@ def goals(rows: list[dict], prompt_rows: list[dict]) -> list[dict]:
   def goal(name, value, bound, detail, *compared):
     """`compared`: the rows a speed ratio comes from; their highest load average is recorded with it."""
     loads = [r["load_average"] for r in compared if r and r.get("load_average") is not None]
-    out.append({"goal": name, "value": value, "bound": bound, "met": None if value is None else value <= bound,
-                "detail": detail, "load_average": max(loads) if loads else None})
+    out.append(
+      {
+        "goal": name,
+        "value": value,
+        "bound": bound,
+        "met": None if value is None else value <= bound,
+        "detail": detail,
+        "load_average": max(loads) if loads else None,
+      }
+    )
 
   for r in rows:
     if r.get("impl") != "moejax" or "error" in r:
       continue
     if r["policy"] == "resident":
-      goal(f"moejax.load resident peak RSS / weights ({r['model']}, {r['dtype']})",
-           r["peak_load_rss_ratio"], 1.15, "peak RSS growth of the load over the weights in the requested dtype")
+      goal(
+        f"moejax.load resident peak RSS / weights ({r['model']}, {r['dtype']})",
+        r["peak_load_rss_ratio"],
+        1.15,
+        "peak RSS growth of the load over the weights in the requested dtype",
+      )
     elif r["policy"] == "lru":
-      goal(f"Engine.from_pretrained peak RSS / (checkpoint + device cache) ({r['model']}, {r['dtype']})",
-           r["peak_load_rss_ratio"], 1.15, "peak RSS growth of load + engine over checkpoint bytes + device cache")
+      goal(
+        f"Engine.from_pretrained peak RSS / (checkpoint + device cache) ({r['model']}, {r['dtype']})",
+        r["peak_load_rss_ratio"],
+        1.15,
+        "peak RSS growth of load + engine over checkpoint bytes + device cache",
+      )
   for model in sorted({r["model"] for r in rows}):
     bf16, f32 = (_row(rows, model=model, dtype=d, impl="moejax", policy="resident") for d in ("bfloat16", "float32"))
-    goal(f"resident decode TPOT bf16 / f32 ({model})", bf16["tpot_s"] / f32["tpot_s"] if bf16 and f32 else None, 1.0,
-         "a bf16 model decodes at least as fast as the same model in f32", bf16, f32)
+    goal(
+      f"resident decode TPOT bf16 / f32 ({model})",
+      bf16["tpot_s"] / f32["tpot_s"] if bf16 and f32 else None,
+      1.0,
+      "a bf16 model decodes at least as fast as the same model in f32",
+      bf16,
+      f32,
+    )
   for dtype, bound_llama in (("float32", 1.2), ("bfloat16", 1.5)):
     res = _row(rows, model="qwen_a27b_2l", dtype=dtype, impl="moejax", policy="resident")
-    llama = next((r for r in rows if r.get("model") == "qwen_a27b_2l" and r.get("dtype") == dtype
-                  and str(r.get("impl", "")).startswith("llama.cpp") and "error" not in r), None)
+    llama = next(
+      (
+        r
+        for r in rows
+        if r.get("model") == "qwen_a27b_2l"
+        and r.get("dtype") == dtype
+        and str(r.get("impl", "")).startswith("llama.cpp")
+        and "error" not in r
+      ),
+      None,
+    )
     hf = _row(rows, model="qwen_a27b_2l", dtype=dtype, impl="transformers")
     tpot = res and res["tpot_s"]
-    goal(f"resident decode TPOT / llama.cpp (qwen_a27b_2l, {dtype})",
-         tpot / llama["tpot_s"] if tpot and llama else None, bound_llama, "batch 1", res, llama)
-    goal(f"resident decode TPOT / transformers (qwen_a27b_2l, {dtype})",
-         tpot / hf["tpot_s"] if tpot and hf else None, 0.8, "batch 1", res, hf)
+    goal(
+      f"resident decode TPOT / llama.cpp (qwen_a27b_2l, {dtype})",
+      tpot / llama["tpot_s"] if tpot and llama else None,
+      bound_llama,
+      "batch 1",
+      res,
+      llama,
+    )
+    goal(
+      f"resident decode TPOT / transformers (qwen_a27b_2l, {dtype})",
+      tpot / hf["tpot_s"] if tpot and hf else None,
+      0.8,
+      "batch 1",
+      res,
+      hf,
+    )
     for name in ("lru", "smoe"):
       off = _row(rows, model="qwen_a27b_2l", dtype=dtype, impl="moejax", policy=name)
-      goal(f"{name} E/4 decode TPOT / resident (qwen_a27b_2l, {dtype})",
-           off["tpot_s"] / tpot if off and tpot else None, 1.5, "routing per the row's distinct/reuse", off, res)
+      goal(
+        f"{name} E/4 decode TPOT / resident (qwen_a27b_2l, {dtype})",
+        off["tpot_s"] / tpot if off and tpot else None,
+        1.5,
+        "routing per the row's distinct/reuse",
+        off,
+        res,
+      )
   for dtype in DTYPES:
     paths = _row(rows, model="qwen_a27b_2l", dtype=dtype, impl="expert paths")
-    goal(f"resident experts GB/s / CPU experts GB/s (qwen_a27b_2l, {dtype})",
-         paths["GBps"]["resident"] / paths["GBps"]["cpu"] if paths else None, 1.0,
-         "same per-byte speed: <= 1.0 (medians of alternated runs; see the row's spread)", paths)
+    goal(
+      f"resident experts GB/s / CPU experts GB/s (qwen_a27b_2l, {dtype})",
+      paths["GBps"]["resident"] / paths["GBps"]["cpu"] if paths else None,
+      1.0,
+      "same per-byte speed: <= 1.0 (medians of alternated runs; see the row's spread)",
+      paths,
+    )
     ours = _row(prompt_rows, dtype=dtype, impl="moejax")
     hf = _row(prompt_rows, dtype=dtype, impl="transformers")
     for shape in (f"{b}x{t}" for b, t in PROMPT_SHAPES):
-      goal(f"prompt pass {shape} / transformers (qwen_a27b_2l, {dtype})",
-           ours["prompt_s"][shape] / hf["prompt_s"][shape] if ours and hf else None, 1.0, "batch x tokens", ours, hf)
+      goal(
+        f"prompt pass {shape} / transformers (qwen_a27b_2l, {dtype})",
+        ours["prompt_s"][shape] / hf["prompt_s"][shape] if ours and hf else None,
+        1.0,
+        "batch x tokens",
+        ours,
+        hf,
+      )
   return out
 
 
@@ -399,8 +523,12 @@ def main():
   parser.add_argument("--prompt", action=argparse.BooleanOptionalAction, default=True, help="the prompt-pass rows")
   parser.add_argument("--keep_gguf", action="store_true")
   parser.add_argument("--compilation_cache", default=None, help="JAX persistent compilation cache for moejax runs")
-  parser.add_argument("--cache_check", action=argparse.BooleanOptionalAction, default=True,
-                      help="time compilation of the first resident case from an empty and a filled cache")
+  parser.add_argument(
+    "--cache_check",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="time compilation of the first resident case from an empty and a filled cache",
+  )
   parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # one case, in this process
   parser.add_argument("--out", default="benchmarks/results/scale.json")
   args = parser.parse_args()
@@ -417,8 +545,9 @@ def main():
       path = checkpoint(model, dtype)
       size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
       base = {"model": model, "dtype": dtype, "checkpoint_bytes": size}
-      cases = [{"kind": "engine", "policy": p, "compilation_cache": args.compilation_cache}
-               for p in args.policies.split(",")]
+      cases = [
+        {"kind": "engine", "policy": p, "compilation_cache": args.compilation_cache} for p in args.policies.split(",")
+      ]
       if args.transformers:
         cases.append({"kind": "transformers"})
       if args.llama_cpp:
@@ -436,16 +565,23 @@ def main():
         print(json.dumps(row), flush=True)
       if args.prompt and model == "qwen_a27b_2l":
         for impl in ("moejax", "transformers"):
-          row = {**base, **in_subprocess({"kind": "prompt", "impl": impl, "path": path, "dtype": dtype,
-                                          "threads": args.threads})}
+          row = {
+            **base,
+            **in_subprocess({"kind": "prompt", "impl": impl, "path": path, "dtype": dtype, "threads": args.threads}),
+          }
           prompt_rows.append(row)
           print(json.dumps(row), flush=True)
   if args.cache_check:  # the persistent compilation cache: the same case twice, from an empty cache
     model, dtype = args.models.split(",")[0], args.dtypes.split(",")[0]
     with tempfile.TemporaryDirectory() as cache_dir:
       for run in ("cold", "warm"):
-        case = {"kind": "engine", "policy": "resident", "path": checkpoint(model, dtype), "dtype": dtype,
-                "compilation_cache": cache_dir}
+        case = {
+          "kind": "engine",
+          "policy": "resident",
+          "path": checkpoint(model, dtype),
+          "dtype": dtype,
+          "compilation_cache": cache_dir,
+        }
         row = {"model": model, "dtype": dtype, "compilation_cache": run, **in_subprocess(case)}
         cache_rows.append({k: row.get(k) for k in ("model", "dtype", "compilation_cache", "compile_s", "error")})
         print(json.dumps(cache_rows[-1]), flush=True)
@@ -455,9 +591,20 @@ def main():
     value = "-" if g["value"] is None else f"{g['value']:.2f}"
     load = "" if g["load_average"] is None else f", load average {g['load_average']:.1f}"
     print(f"{state:12s} {g['goal']}: {value} (bound {g['bound']}{load})")
-  write_report("scale", args.out, threads=args.threads, prompt_tokens=PROMPT, new_tokens=NEW, xla_flags=XLA_FLAGS,
-               models=MODELS, rows=rows, prompt_rows=prompt_rows, compilation_cache_rows=cache_rows, goals=checks,
-               extra_versions={"transformers": transformers.__version__, "torch": torch.__version__})
+  write_report(
+    "scale",
+    args.out,
+    threads=args.threads,
+    prompt_tokens=PROMPT,
+    new_tokens=NEW,
+    xla_flags=XLA_FLAGS,
+    models=MODELS,
+    rows=rows,
+    prompt_rows=prompt_rows,
+    compilation_cache_rows=cache_rows,
+    goals=checks,
+    extra_versions={"transformers": transformers.__version__, "torch": torch.__version__},
+  )
 
 
 if __name__ == "__main__":

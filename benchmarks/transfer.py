@@ -75,10 +75,15 @@ def main():
     filled = [np.asarray(a)[:n] for a in buffers[0]]
     if not all(np.array_equal(f, a) for f, a in zip(filled, block)):
       raise AssertionError("the slot fill did not copy the experts it was given")
-    for path, t in (("numpy copyto", t_np), ("device_put(numpy)", t_put), ("device_put(pinned_host)", t_pinned),
-                    ("engine slot fill (write_slots)", t_fill)):
-      rows.append({"experts": n, "bytes": nbytes, "path": path, "seconds": t, "GBps": nbytes / t / 1e9,
-                   "vs_numpy": t_np / t})
+    for path, t in (
+      ("numpy copyto", t_np),
+      ("device_put(numpy)", t_put),
+      ("device_put(pinned_host)", t_pinned),
+      ("engine slot fill (write_slots)", t_fill),
+    ):
+      rows.append(
+        {"experts": n, "bytes": nbytes, "path": path, "seconds": t, "GBps": nbytes / t / 1e9, "vs_numpy": t_np / t}
+      )
   write_report("transfer", args.out, expert_shape={"hidden": d, "ffn": f}, rows=rows)
   print(f"{'experts':>7s} {'MB':>7s} {'path':32s} {'GB/s':>7s} {'of numpy':>8s}")
   for r in rows:

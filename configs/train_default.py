@@ -14,11 +14,14 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.data = ml_collections.ConfigDict(dict(
+  c.data = ml_collections.ConfigDict(
+    dict(
       train_path="third_party/world_english_bible/train.txt",
       heldout_path="third_party/world_english_bible/heldout.txt",
-  ))
-  c.model = ml_collections.ConfigDict(dict(
+    )
+  )
+  c.model = ml_collections.ConfigDict(
+    dict(
       vocab_size=4096,
       hidden_size=128,
       num_layers=4,
@@ -32,13 +35,22 @@ def get_config() -> ml_collections.ConfigDict:
       max_position_embeddings=2048,
       rope_theta=10000.0,
       rms_norm_eps=1e-6,
-  ))
+    )
+  )
   c.seq_len = 256
   c.batch_size = 32
   c.total_steps = 350
-  c.optim = ml_collections.ConfigDict(dict(
-      peak_lr=3e-3, warmup_steps=30, end_lr_fraction=0.1, weight_decay=0.1, b1=0.9, b2=0.95, clip_norm=1.0,
-  ))
+  c.optim = ml_collections.ConfigDict(
+    dict(
+      peak_lr=3e-3,
+      warmup_steps=30,
+      end_lr_fraction=0.1,
+      weight_decay=0.1,
+      b1=0.9,
+      b2=0.95,
+      clip_norm=1.0,
+    )
+  )
   c.aux_loss_coef = 0.01
   c.expert_block = 64  # rows per block of the grouped expert matmul (moejax.train.grouped)
   c.log_every = 10

@@ -1,6 +1,6 @@
 """The cumulative ablation cpu -> +ce -> +cr -> +pre -> +ba at one alpha, resumable like the alpha sweep.
 
-  python experiments/ablation.py --config=configs/ablation.py --config.model=DIR [--config.x=y ...]
+python experiments/ablation.py --config=configs/ablation.py --config.model=DIR [--config.x=y ...]
 """
 
 from absl import app

@@ -26,12 +26,25 @@ def main(argv):
   alphas = [r["point"]["alpha"] for r in rows]
   tpots = [sweep.tpot_of(r, cfg.tpot) for r in rows]
   choice = alpha_lib.choose_alpha(alphas, tpots, cfg.budget_ms / 1e3, degree=cfg.degree)
-  print(json.dumps({"policy": cfg.policy, "tpot": cfg.tpot, "budget_ms": cfg.budget_ms,
-                    "points": [{"alpha": a, "tpot_ms": t * 1e3} for a, t in zip(alphas, tpots)],
-                    "alpha": choice.alpha, "predicted_tpot_ms": choice.predicted_tpot_s * 1e3,
-                    "fit_coefficients": choice.coefficients, "degree": choice.degree}, indent=1))
+  print(
+    json.dumps(
+      {
+        "policy": cfg.policy,
+        "tpot": cfg.tpot,
+        "budget_ms": cfg.budget_ms,
+        "points": [{"alpha": a, "tpot_ms": t * 1e3} for a, t in zip(alphas, tpots)],
+        "alpha": choice.alpha,
+        "predicted_tpot_ms": choice.predicted_tpot_s * 1e3,
+        "fit_coefficients": choice.coefficients,
+        "degree": choice.degree,
+      },
+      indent=1,
+    )
+  )
   if choice.alpha is None:
-    print(f"No measured alpha meets {cfg.budget_ms} ms; the fastest predicted is {choice.predicted_tpot_s * 1e3:.2f} ms.")
+    print(
+      f"No measured alpha meets {cfg.budget_ms} ms; the fastest predicted is {choice.predicted_tpot_s * 1e3:.2f} ms."
+    )
 
 
 if __name__ == "__main__":

@@ -17,8 +17,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/compare_polic
 def main(argv):
   del argv
   cfg = _CONFIG.value
-  points = [{"policy": policy, "alpha": float(alpha), "cache_scope": scope}
-            for scope in cfg.scopes for policy, alpha in cfg.points]
+  points = [
+    {"policy": policy, "alpha": float(alpha), "cache_scope": scope}
+    for scope in cfg.scopes
+    for policy, alpha in cfg.points
+  ]
   print(sweep.summary_table(sweep.sweep(cfg, points)))
 
 

@@ -33,14 +33,20 @@ def main(argv):
   if cfg.trace_out:
     save_trace(cfg.trace_out, trace)
     logging.info("trace written to %s", cfg.trace_out)
-  report = {"experiment": "decode", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "config": cfg.to_dict(), **result}
+  report = {
+    "experiment": "decode",
+    "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    "config": cfg.to_dict(),
+    **result,
+  }
   with open(cfg.out, "w") as f:
     json.dump(report, f, indent=1)
   m = result["measured"]
-  print(f"{cfg.policy} alpha={cfg.alpha}: TPOT {m['tpot_s'] * 1e3:.2f} ms, TTFT {m['ttft_s'] * 1e3:.2f} ms (measured), "
-        f"hit ratio {m['hit_ratio']:.3f}, substitution {m['substitution_rate']:.3f}, "
-        f"{m['bytes_to_device'] / 1e6:.2f} MB to device, {m['cpu_experts']} CPU experts")
+  print(
+    f"{cfg.policy} alpha={cfg.alpha}: TPOT {m['tpot_s'] * 1e3:.2f} ms, TTFT {m['ttft_s'] * 1e3:.2f} ms (measured), "
+    f"hit ratio {m['hit_ratio']:.3f}, substitution {m['substitution_rate']:.3f}, "
+    f"{m['bytes_to_device'] / 1e6:.2f} MB to device, {m['cpu_experts']} CPU experts"
+  )
   for name, est in result["estimate"].items():
     print(f"  estimate {name}: TPOT {est['tpot_s'] * 1e3:.2f} ms, TTFT {est['ttft_s'] * 1e3:.2f} ms")
   print(f"written to {cfg.out}")

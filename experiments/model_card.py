@@ -58,8 +58,10 @@ def parameter_counts(model: moejax.Model) -> dict[str, int]:
   active = dense + len(c.moe_layer_ids) * c.num_experts_per_tok * c.expert_param_count()
   embed_head = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
   return {
-      "total": dense + routed, "routed_experts": routed, "active_per_token": active,
-      "active_per_token_without_embedding_and_head": active - embed_head,
+    "total": dense + routed,
+    "routed_experts": routed,
+    "active_per_token": active,
+    "active_per_token_without_embedding_and_head": active - embed_head,
   }
 
 
@@ -101,18 +103,23 @@ def heldout_metrics(path: str, model: moejax.Model, windows: np.ndarray, batch: 
     p = np.bincount(sel.reshape(-1), minlength=e) / sel.size
     entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())
     shared = (sel[:, 1:, :, None] == sel[:, :-1, None, :]).any(-1).sum(-1)  # [W, T-1] overlap with previous token
-    layers.append({
-        "layer": layer, "usage_entropy": entropy, "usage_entropy_over_log_e": entropy / np.log(e),
-        "max_usage_share": float(p.max()), "unused_experts": int((p == 0).sum()),
+    layers.append(
+      {
+        "layer": layer,
+        "usage_entropy": entropy,
+        "usage_entropy_over_log_e": entropy / np.log(e),
+        "max_usage_share": float(p.max()),
+        "unused_experts": int((p == 0).sum()),
         "temporal_reuse": float(shared.mean() / k),
         # Usage is balanced by the auxiliary loss; specialisation shows in each token's router distribution.
         "token_router_entropy_over_log_e": float(h.mean() / np.log(e)),
-    })
+      }
+    )
   return {
-      "tokens": int(windows[:, 1:].size),
-      "perplexity_moejax": float(np.exp(np.concatenate(nll_ours).mean())),
-      "perplexity_transformers": float(np.exp(np.concatenate(nll_hf).mean())),
-      "routing": {"log_e": float(np.log(e)), "reuse_chance_k_over_e": k / e, "layers": layers},
+    "tokens": int(windows[:, 1:].size),
+    "perplexity_moejax": float(np.exp(np.concatenate(nll_ours).mean())),
+    "perplexity_transformers": float(np.exp(np.concatenate(nll_hf).mean())),
+    "routing": {"log_e": float(np.log(e)), "reuse_chance_k_over_e": k / e, "layers": layers},
   }
 
 
@@ -128,27 +135,41 @@ def engine_comparison(path: str, model: moejax.Model, windows: np.ndarray) -> di
   slots = _CACHE_SLOTS.value or c.num_experts // 4
   windows = windows[: _ENGINE_SEQS.value]
   prompt, forced = windows[:, : _PROMPT.value], windows[:, _PROMPT.value :]
-  exact = np.concatenate([
+  exact = np.concatenate(
+    [
       -_nll(np.asarray(model.forward(w[:, :-1])), w[:, 1:])[:, _PROMPT.value - 1 :]
       for w in np.array_split(windows, max(1, len(windows) // _ENGINE_BATCH.value))
-  ])
+    ]
+  )
   host = moejax.load(path, dtype="float32", experts="host")
-  out = {"cache_slots": slots, "num_experts": c.num_experts, "alpha": _ALPHA.value, "sequences": len(windows),
-         "prompt_tokens": _PROMPT.value, "decoded_tokens_per_sequence": forced.shape[1],
-         "perplexity_exact": float(np.exp(-exact.mean()))}
+  out = {
+    "cache_slots": slots,
+    "num_experts": c.num_experts,
+    "alpha": _ALPHA.value,
+    "sequences": len(windows),
+    "prompt_tokens": _PROMPT.value,
+    "decoded_tokens_per_sequence": forced.shape[1],
+    "perplexity_exact": float(np.exp(-exact.mean())),
+  }
   for policy, alpha in (("lru", 0.0), ("smoe", _ALPHA.value)):  # lru never substitutes: alpha does not apply
     engine = Engine(host, policy=policy, alpha=alpha, cache_slots=slots)
     stats = RunStats(c, dtype_bytes=4)
     logps = []
     for i in range(0, len(windows), _ENGINE_BATCH.value):
-      res = engine.generate(prompt[i : i + _ENGINE_BATCH.value], forced.shape[1],
-                            forced_tokens=forced[i : i + _ENGINE_BATCH.value], run_stats=stats)
+      res = engine.generate(
+        prompt[i : i + _ENGINE_BATCH.value],
+        forced.shape[1],
+        forced_tokens=forced[i : i + _ENGINE_BATCH.value],
+        run_stats=stats,
+      )
       logps.append(res.logprobs)
     summary = stats.summary()
     ppl = float(np.exp(-np.concatenate(logps).mean()))
     out[policy] = {
-        "hit_ratio": summary["hit_ratio"], "substitution_rate": summary["substitution_rate"],
-        "perplexity": ppl, "perplexity_change": ppl / out["perplexity_exact"] - 1,
+      "hit_ratio": summary["hit_ratio"],
+      "substitution_rate": summary["substitution_rate"],
+      "perplexity": ppl,
+      "perplexity_change": ppl / out["perplexity_exact"] - 1,
     }
   return out
 
@@ -163,18 +184,33 @@ def main(argv):
   with open(os.path.join(path, "training.json")) as f:
     training = json.load(f)
   card = {
-      "model": path,
-      "architecture": {k: getattr(model.config, k) for k in (
-          "model_type", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-          "num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_intermediate_size",
-          "shared_expert_gate", "norm_topk_prob")},
-      "parameters": parameter_counts(model),
-      "training": {k: training[k] for k in ("steps", "tokens", "epochs", "train_seconds", "machine", "seq_len",
-                                            "batch_size")},
-      "heldout": heldout_metrics(path, model, heldout, _BATCH.value),
-      "unigram_perplexity": unigram_perplexity(train_stream, heldout, model.config.vocab_size),
-      "train_tokens_in_split": len(train_stream),
-      "engine": engine_comparison(path, model, heldout),
+    "model": path,
+    "architecture": {
+      k: getattr(model.config, k)
+      for k in (
+        "model_type",
+        "vocab_size",
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "num_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "shared_intermediate_size",
+        "shared_expert_gate",
+        "norm_topk_prob",
+      )
+    },
+    "parameters": parameter_counts(model),
+    "training": {
+      k: training[k] for k in ("steps", "tokens", "epochs", "train_seconds", "machine", "seq_len", "batch_size")
+    },
+    "heldout": heldout_metrics(path, model, heldout, _BATCH.value),
+    "unigram_perplexity": unigram_perplexity(train_stream, heldout, model.config.vocab_size),
+    "train_tokens_in_split": len(train_stream),
+    "engine": engine_comparison(path, model, heldout),
   }
   text = json.dumps(card, indent=1)
   print(text)

@@ -42,29 +42,35 @@ def _accuracy(row: Row, name: str, digits: int) -> str:
 
 
 COLUMNS: dict[str, tuple[str, Callable[[Row], str]]] = {
-    "policy": ("policy", lambda r: r["point"]["policy"]),
-    "alpha": ("alpha", lambda r: _fmt(r["point"]["alpha"], 2)),
-    "scope": ("cache", lambda r: r["point"].get("cache_scope") or "layer"),
-    "hit": ("hit ratio", lambda r: _fmt(_measured(r)["hit_ratio"])),
-    "cache_hit": ("cache hit ratio", lambda r: _fmt(_measured(r)["cache_hit_ratio"])),
-    "belady": ("Belady bound", lambda r: _fmt(_measured(r).get("belady_hit_ratio"))),
-    "subst_bound": ("bound with substitution", lambda r: _fmt(_measured(r).get("substitution_bound_hit_ratio"))),
-    "subst": ("substitution", lambda r: _fmt(_measured(r)["substitution_rate"])),
-    "prefetch": ("prefetch acc. (selected)", lambda r: _fmt(_measured(r)["prefetch_accuracy_selected"], 2)),
-    "mb": ("MB copied", lambda r: _fmt(_measured(r)["bytes_to_device"] / 1e6, 1)),
-    "wasted": ("of which wasted prefetch", lambda r: _fmt(_measured(r)["wasted_prefetch_bytes"] / 1e6, 1)),
-    "cpu": ("CPU experts", lambda r: str(_measured(r)["cpu_experts"])),
-    "distinct": ("distinct experts / layer", lambda r: _fmt(_measured(r).get("distinct_experts"), 1)),
-    "reuse": ("reuse", lambda r: _fmt(_measured(r).get("reuse_rate"), 2)),
-    "ppl": ("held-out ppl (decode path)", lambda r: _accuracy(r, "perplexity", 2)),
-    "capitals": ("capitals acc", lambda r: _accuracy(r, "moejax_capitals/acc,none", 3)),
-    "paragraphs": ("paragraphs bits/byte", lambda r: _accuracy(r, "moejax_paragraphs/bits_per_byte,none", 4)),
-    **{f"est_{p}": (f"{p.split('_')[0].upper()} TPOT, estimate (ms)",
-                    lambda r, p=p: _fmt(r["result"]["speed"]["estimate"][p]["tpot_s"] * 1e3))
-       for p in PROFILES},
-    "tpot": ("TPOT here (ms)", lambda r: _fmt(_measured(r)["tpot_s"] * 1e3, 2)),
-    "tpot_fwd": ("forward-only TPOT here (ms)", lambda r: _fmt(_measured(r).get("tpot_forward_only_s", float("nan"))
-                                                               * 1e3, 2)),
+  "policy": ("policy", lambda r: r["point"]["policy"]),
+  "alpha": ("alpha", lambda r: _fmt(r["point"]["alpha"], 2)),
+  "scope": ("cache", lambda r: r["point"].get("cache_scope") or "layer"),
+  "hit": ("hit ratio", lambda r: _fmt(_measured(r)["hit_ratio"])),
+  "cache_hit": ("cache hit ratio", lambda r: _fmt(_measured(r)["cache_hit_ratio"])),
+  "belady": ("Belady bound", lambda r: _fmt(_measured(r).get("belady_hit_ratio"))),
+  "subst_bound": ("bound with substitution", lambda r: _fmt(_measured(r).get("substitution_bound_hit_ratio"))),
+  "subst": ("substitution", lambda r: _fmt(_measured(r)["substitution_rate"])),
+  "prefetch": ("prefetch acc. (selected)", lambda r: _fmt(_measured(r)["prefetch_accuracy_selected"], 2)),
+  "mb": ("MB copied", lambda r: _fmt(_measured(r)["bytes_to_device"] / 1e6, 1)),
+  "wasted": ("of which wasted prefetch", lambda r: _fmt(_measured(r)["wasted_prefetch_bytes"] / 1e6, 1)),
+  "cpu": ("CPU experts", lambda r: str(_measured(r)["cpu_experts"])),
+  "distinct": ("distinct experts / layer", lambda r: _fmt(_measured(r).get("distinct_experts"), 1)),
+  "reuse": ("reuse", lambda r: _fmt(_measured(r).get("reuse_rate"), 2)),
+  "ppl": ("held-out ppl (decode path)", lambda r: _accuracy(r, "perplexity", 2)),
+  "capitals": ("capitals acc", lambda r: _accuracy(r, "moejax_capitals/acc,none", 3)),
+  "paragraphs": ("paragraphs bits/byte", lambda r: _accuracy(r, "moejax_paragraphs/bits_per_byte,none", 4)),
+  **{
+    f"est_{p}": (
+      f"{p.split('_')[0].upper()} TPOT, estimate (ms)",
+      lambda r, p=p: _fmt(r["result"]["speed"]["estimate"][p]["tpot_s"] * 1e3),
+    )
+    for p in PROFILES
+  },
+  "tpot": ("TPOT here (ms)", lambda r: _fmt(_measured(r)["tpot_s"] * 1e3, 2)),
+  "tpot_fwd": (
+    "forward-only TPOT here (ms)",
+    lambda r: _fmt(_measured(r).get("tpot_forward_only_s", float("nan")) * 1e3, 2),
+  ),
 }
 
 
@@ -78,32 +84,80 @@ def table(rows: Sequence[Row], columns: Sequence[str]) -> str:
 ACCURACY = ("ppl", "capitals", "paragraphs")
 ESTIMATES = tuple(f"est_{p}" for p in PROFILES)
 SECTIONS = (
-    ("sweep_alpha.jsonl", "Accuracy and traffic vs alpha (SMoE, 16 of 64 experts per layer)",
-     ("policy", "alpha", "hit", "cache_hit", "belady", "subst", "mb", "cpu", *ACCURACY, *ESTIMATES)),
-    ("ablation.jsonl", "The cumulative ablation at alpha = 0.3",
-     ("policy", "alpha", "hit", "cache_hit", "belady", "prefetch", "mb", "wasted", "cpu", *ACCURACY, *ESTIMATES)),
-    ("compare_policies.jsonl", "smoe (the paper's text) vs smoe_release (its released code) vs the baselines",
-     ("policy", "alpha", "scope", "hit", "cache_hit", "belady", "subst_bound", "prefetch", "mb", "wasted", "cpu",
-      "distinct", "reuse", "ppl", *ESTIMATES, "tpot", "tpot_fwd")),
-    ("compare_policies_scale.jsonl",
-     "The same comparison on a random checkpoint with real expert sizes (routing counts only; its accuracy is "
-     "meaningless)",
-     ("policy", "alpha", "scope", "hit", "cache_hit", "belady", "subst_bound", "prefetch", "mb", "wasted", "cpu",
-      "distinct", "reuse", *ESTIMATES, "tpot", "tpot_fwd")),
+  (
+    "sweep_alpha.jsonl",
+    "Accuracy and traffic vs alpha (SMoE, 16 of 64 experts per layer)",
+    ("policy", "alpha", "hit", "cache_hit", "belady", "subst", "mb", "cpu", *ACCURACY, *ESTIMATES),
+  ),
+  (
+    "ablation.jsonl",
+    "The cumulative ablation at alpha = 0.3",
+    ("policy", "alpha", "hit", "cache_hit", "belady", "prefetch", "mb", "wasted", "cpu", *ACCURACY, *ESTIMATES),
+  ),
+  (
+    "compare_policies.jsonl",
+    "smoe (the paper's text) vs smoe_release (its released code) vs the baselines",
+    (
+      "policy",
+      "alpha",
+      "scope",
+      "hit",
+      "cache_hit",
+      "belady",
+      "subst_bound",
+      "prefetch",
+      "mb",
+      "wasted",
+      "cpu",
+      "distinct",
+      "reuse",
+      "ppl",
+      *ESTIMATES,
+      "tpot",
+      "tpot_fwd",
+    ),
+  ),
+  (
+    "compare_policies_scale.jsonl",
+    "The same comparison on a random checkpoint with real expert sizes (routing counts only; its accuracy is "
+    "meaningless)",
+    (
+      "policy",
+      "alpha",
+      "scope",
+      "hit",
+      "cache_hit",
+      "belady",
+      "subst_bound",
+      "prefetch",
+      "mb",
+      "wasted",
+      "cpu",
+      "distinct",
+      "reuse",
+      *ESTIMATES,
+      "tpot",
+      "tpot_fwd",
+    ),
+  ),
 )
 
 
 def render(results: str) -> str:
-  parts = [BEGIN, "_Generated by `python experiments/results_tables.py` from `docs/results/*.jsonl`; "
-                  "do not edit by hand._"]
+  parts = [
+    BEGIN,
+    "_Generated by `python experiments/results_tables.py` from `docs/results/*.jsonl`; do not edit by hand._",
+  ]
   for name, title, columns in SECTIONS:
     path = os.path.join(results, name)
     if not os.path.exists(path):
       continue
     rows = load_rows(path)
     setup = rows[0]["setup"]
-    parts.append(f"**{title}** (`{path}`; model `{os.path.basename(setup['model'].rstrip('/'))}`, "
-                 f"{setup['dtype']}, costs `{setup['engine']['costs']}`):")
+    parts.append(
+      f"**{title}** (`{path}`; model `{os.path.basename(setup['model'].rstrip('/'))}`, "
+      f"{setup['dtype']}, costs `{setup['engine']['costs']}`):"
+    )
     parts.append(table(rows, columns))
   parts.append(END)
   return "\n\n".join(parts)

@@ -28,9 +28,18 @@ def main(argv):
     logging.info("similarity %d/%d: %s", i + 1, len(cfg.sources), source)
     sim = calibration.build_similarity(model, source, calibration_ids=ids, new_tokens=cfg.new_tokens)
     path = os.path.join(cfg.out_dir, f"{source}.npz")
-    save_similarity(path, sim, {"model": cfg.model, "source": source, "calibration_file": cfg.calibration_file,
-                                "num_sequences": cfg.num_sequences, "seq_len": cfg.seq_len,
-                                "new_tokens": cfg.new_tokens})
+    save_similarity(
+      path,
+      sim,
+      {
+        "model": cfg.model,
+        "source": source,
+        "calibration_file": cfg.calibration_file,
+        "num_sequences": cfg.num_sequences,
+        "seq_len": cfg.seq_len,
+        "new_tokens": cfg.new_tokens,
+      },
+    )
     print(f"{source}: {sim.shape} -> {path}")
 
 

@@ -8,12 +8,12 @@ from moejax.models.config import MoEConfig, from_hf_config
 from moejax.models.model import Model
 
 __all__ = [
-    "Engine",
-    "EngineOptions",
-    "MoEConfig",
-    "Model",
-    "default_model_path",
-    "enable_compilation_cache",
-    "from_hf_config",
-    "load",
+  "Engine",
+  "EngineOptions",
+  "MoEConfig",
+  "Model",
+  "default_model_path",
+  "enable_compilation_cache",
+  "from_hf_config",
+  "load",
 ]

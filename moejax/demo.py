@@ -38,15 +38,23 @@ def main(argv=None) -> None:
     engine.reset()
     result = engine.generate(ids, args.max_new_tokens)
     s = result.stats
-    text = tokenizer.decode(result.tokens[0, ids.shape[1]:], skip_special_tokens=True)
-    cache = "all experts resident" if policy == "resident" else f"{engine.num_slots}/{engine.config.num_experts} experts cached per layer"
+    text = tokenizer.decode(result.tokens[0, ids.shape[1] :], skip_special_tokens=True)
+    cache = (
+      "all experts resident"
+      if policy == "resident"
+      else f"{engine.num_slots}/{engine.config.num_experts} experts cached per layer"
+    )
     print(f"\n== {policy} (alpha={alpha}, {cache})")
     print(f"{args.prompt}{text}")
-    print(f"TPOT {s['tpot_s'] * 1e3:.2f} ms | TTFT {s['ttft_s'] * 1e3:.1f} ms | hit ratio {s['hit_ratio']:.3f} | "
-          f"substitution rate {s['substitution_rate']:.3f} | {s['bytes_to_device'] / 1e6:.1f} MB copied | "
-          f"{s['cpu_experts']} experts on CPU")
-  print("\n(CPU-only machine: 'device' and host share memory, so TPOT here measures moejax's own overheads; "
-        "see benchmarks/offload_speed.py for edge-GPU estimates.)")
+    print(
+      f"TPOT {s['tpot_s'] * 1e3:.2f} ms | TTFT {s['ttft_s'] * 1e3:.1f} ms | hit ratio {s['hit_ratio']:.3f} | "
+      f"substitution rate {s['substitution_rate']:.3f} | {s['bytes_to_device'] / 1e6:.1f} MB copied | "
+      f"{s['cpu_experts']} experts on CPU"
+    )
+  print(
+    "\n(CPU-only machine: 'device' and host share memory, so TPOT here measures moejax's own overheads; "
+    "see benchmarks/offload_speed.py for edge-GPU estimates.)"
+  )
 
 
 if __name__ == "__main__":

@@ -95,8 +95,8 @@ def token_ids(values, *, name: str, vocab_size: int) -> np.ndarray:
   if bad.any():
     at = tuple(int(i) for i in np.argwhere(bad)[0])
     raise ValueError(
-        f"{name}{list(at)} = {a[at]} is outside the vocabulary [0, {vocab_size}) ({int(bad.sum())} ids in all); "
-        "encode text with this model's tokenizer, and pad with 0 or its pad token id."
+      f"{name}{list(at)} = {a[at]} is outside the vocabulary [0, {vocab_size}) ({int(bad.sum())} ids in all); "
+      "encode text with this model's tokenizer, and pad with 0 or its pad token id."
     )
   return a.astype(np.int32)
 
@@ -139,30 +139,33 @@ def prompt_batch(input_ids, attention_mask=None, *, vocab_size: int, right_paddi
     raise ValueError(f"input_ids must be [batch, tokens], got shape {ids.shape}; {fix}.")
   if 0 in ids.shape:
     raise ValueError(
-        f"input_ids has shape {ids.shape}: a batch needs at least one row of at least one token "
-        "(condition an empty prompt on a BOS/EOS token)."
+      f"input_ids has shape {ids.shape}: a batch needs at least one row of at least one token "
+      "(condition an empty prompt on a BOS/EOS token)."
     )
-  valid = np.ones(ids.shape, bool) if attention_mask is None else _mask(
-      attention_mask, "attention_mask", ids.shape, of="input_ids")
+  valid = (
+    np.ones(ids.shape, bool)
+    if attention_mask is None
+    else _mask(attention_mask, "attention_mask", ids.shape, of="input_ids")
+  )
   empty = ~valid.any(axis=1)
   if empty.any():
     raise ValueError(
-        f"attention_mask row {int(np.argmax(empty))} is all padding ({int(empty.sum())} rows in all); every row needs "
-        "at least one real token: drop the row, or condition it on a BOS/EOS token."
+      f"attention_mask row {int(np.argmax(empty))} is all padding ({int(empty.sum())} rows in all); every row needs "
+      "at least one real token: drop the row, or condition it on a BOS/EOS token."
     )
   starts = valid & ~np.pad(valid, ((0, 0), (1, 0)))[:, :-1]  # first token of each run of real tokens
   gaps = starts.sum(axis=1) > 1
   if gaps.any():
     r = int(np.argmax(gaps))
     raise ValueError(
-        f"attention_mask row {r} = {_row(valid[r])} has padding between real tokens; a row's real tokens must be "
-        "one contiguous run (pad on the left)."
+      f"attention_mask row {r} = {_row(valid[r])} has padding between real tokens; a row's real tokens must be "
+      "one contiguous run (pad on the left)."
     )
   if not right_padding and not valid[:, -1].all():
     r = int(np.argmax(~valid[:, -1]))
     raise ValueError(
-        f"attention_mask row {r} = {_row(valid[r])} is right padded; a prompt to continue must end with its real "
-        'tokens: pad on the left (tokenizer.padding_side = "left").'
+      f"attention_mask row {r} = {_row(valid[r])} is right padded; a prompt to continue must end with its real "
+      'tokens: pad on the left (tokenizer.padding_side = "left").'
     )
   return token_ids(ids, name="input_ids", vocab_size=vocab_size), valid
 
@@ -184,7 +187,7 @@ def forced_batch(forced_tokens, forced_mask, *, batch: int, max_new_tokens: int,
   forced = _array(forced_tokens, "forced_tokens")
   if forced.shape != (batch, max_new_tokens):
     raise ValueError(
-        f"forced_tokens must be [batch, max_new_tokens] = [{batch}, {max_new_tokens}], got shape {forced.shape}."
+      f"forced_tokens must be [batch, max_new_tokens] = [{batch}, {max_new_tokens}], got shape {forced.shape}."
     )
   mask = None
   if forced_mask is not None:
@@ -193,8 +196,8 @@ def forced_batch(forced_tokens, forced_mask, *, batch: int, max_new_tokens: int,
     if gaps.any():
       r = int(np.argmax(gaps))
       raise ValueError(
-          f"forced_mask row {r} = {_row(mask[r])} has a real token after padding; each row's real tokens come "
-          "first (right padding of a shorter continuation)."
+        f"forced_mask row {r} = {_row(mask[r])} has a real token after padding; each row's real tokens come "
+        "first (right padding of a shorter continuation)."
       )
   return token_ids(forced, name="forced_tokens", vocab_size=vocab_size), mask
 
@@ -205,10 +208,14 @@ def token_pairs(pairs: Sequence[Any], *, vocab_size: int) -> list[tuple[list[int
   for i, pair in enumerate(pairs):
     if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
       raise ValueError(f"pairs[{i}] = {pair!r} is not a (context tokens, continuation tokens) pair.")
-    context, continuation = (token_ids(seq, name=f"pairs[{i}][{j}]", vocab_size=vocab_size) for j, seq in enumerate(pair))
+    context, continuation = (
+      token_ids(seq, name=f"pairs[{i}][{j}]", vocab_size=vocab_size) for j, seq in enumerate(pair)
+    )
     if context.ndim != 1 or continuation.ndim != 1:
-      raise ValueError(f"pairs[{i}] holds arrays of shapes {context.shape}, {continuation.shape}; give two flat "
-                       "sequences of token ids.")
+      raise ValueError(
+        f"pairs[{i}] holds arrays of shapes {context.shape}, {continuation.shape}; give two flat "
+        "sequences of token ids."
+      )
     context, continuation = context.tolist(), continuation.tolist()
     if not context:
       raise ValueError(f"pairs[{i}] has an empty context; condition it on a BOS/EOS token instead.")

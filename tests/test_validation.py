@@ -32,8 +32,9 @@ from tests.models.hf_utils import build_hf_model
 VOCAB, TOP_K = 320, 2
 B, T, N = 2, 6, 3  # the fixed batch of the fuzzed calls: rows, prompt tokens, new tokens
 ADAPTER = {"batch_size": 1, "max_length": 16, "length_bucket": 16}  # one batch shape: one compilation
-SETTINGS = hypothesis.settings(max_examples=40, deadline=None,
-                               suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+SETTINGS = hypothesis.settings(
+  max_examples=40, deadline=None, suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture]
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +44,20 @@ def path(tmp_path_factory):
   texts = [p.read_text() for p in sorted(pathlib.Path(TASKS_DIR).iterdir()) if p.suffix in (".jsonl", ".txt")]
   tokenizer = build_tokenizer(path, texts, vocab_size=VOCAB)
   config = transformers.Qwen2MoeConfig(
-      vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-      shared_expert_intermediate_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-      num_experts=8, num_experts_per_tok=TOP_K, norm_topk_prob=False, max_position_embeddings=64,
-      eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts=8,
+    num_experts_per_tok=TOP_K,
+    norm_topk_prob=False,
+    max_position_embeddings=64,
+    eos_token_id=tokenizer.eos_token_id,
+    bos_token_id=tokenizer.bos_token_id,
   )
   build_hf_model(config, path, seed=5)
   return path
@@ -72,8 +83,22 @@ def lm(engine, path):
 # Strategies: (arguments, name of the broken one or None)
 # ----------------------------------------------------------------------------
 
-PROMPT_FAULTS = ["vocab", "negative", "fraction", "bool", "str", "object", "ndim", "empty", "ragged", "mask_shape",
-                 "mask_value", "empty_row", "gap", "right"]
+PROMPT_FAULTS = [
+  "vocab",
+  "negative",
+  "fraction",
+  "bool",
+  "str",
+  "object",
+  "ndim",
+  "empty",
+  "ragged",
+  "mask_shape",
+  "mask_value",
+  "empty_row",
+  "gap",
+  "right",
+]
 
 
 @st.composite
@@ -125,8 +150,14 @@ def prompts(draw, right_padding: bool):
       mask[r] = np.arange(T) < int(rng.integers(1, T))
     if fault == "right" and right_padding:
       fault = None
-  name = {None: None, "mask_shape": "attention_mask", "mask_value": "attention_mask", "empty_row": "attention_mask",
-          "gap": "attention_mask", "right": "attention_mask"}.get(fault, "input_ids")
+  name = {
+    None: None,
+    "mask_shape": "attention_mask",
+    "mask_value": "attention_mask",
+    "empty_row": "attention_mask",
+    "gap": "attention_mask",
+    "right": "attention_mask",
+  }.get(fault, "input_ids")
   return ids, mask, name
 
 
@@ -136,10 +167,17 @@ def sampling_args(draw):
   fault = draw(st.one_of(st.none(), st.sampled_from(["temperature", "top_p"])))
   temperature, top_p = draw(st.sampled_from([(0.0, 1.0), (0.8, 0.9)]))
   if fault == "temperature":
-    temperature = draw(st.one_of(st.floats(max_value=-1e-6), st.sampled_from([float("nan"), float("inf"), "hot", None])))
+    temperature = draw(
+      st.one_of(st.floats(max_value=-1e-6), st.sampled_from([float("nan"), float("inf"), "hot", None]))
+    )
   elif fault == "top_p":
-    top_p = draw(st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0, exclude_min=True),
-                           st.sampled_from([float("nan"), "all", True])))
+    top_p = draw(
+      st.one_of(
+        st.floats(max_value=0.0),
+        st.floats(min_value=1.0, exclude_min=True),
+        st.sampled_from([float("nan"), "all", True]),
+      )
+    )
   return temperature, top_p, fault
 
 
@@ -153,8 +191,9 @@ def forced_args(draw, n: int, faults: bool):
   rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
   fault = None
   if faults:
-    fault = draw(st.one_of(st.none(), st.sampled_from(["tokens_shape", "tokens_vocab", "mask_alone", "mask_shape",
-                                                       "mask_order"])))
+    fault = draw(
+      st.one_of(st.none(), st.sampled_from(["tokens_shape", "tokens_vocab", "mask_alone", "mask_shape", "mask_order"]))
+    )
   if fault is None and draw(st.booleans()):
     return None, None, None
   forced = rng.integers(0, VOCAB, (B, n))
@@ -267,8 +306,13 @@ def test_engine_generate(engine, data):
       real = np.ones(forced.shape, bool) if forced_mask is None else forced_mask.astype(bool)
       np.testing.assert_array_equal(result.tokens[:, T:][real], forced[real])
 
-  check(lambda: engine.generate(ids, n, mask, forced_tokens=forced, forced_mask=forced_mask, temperature=temperature,
-                                top_p=top_p), broken, expect)
+  check(
+    lambda: engine.generate(
+      ids, n, mask, forced_tokens=forced, forced_mask=forced_mask, temperature=temperature, top_p=top_p
+    ),
+    broken,
+    expect,
+  )
 
 
 @SETTINGS
@@ -330,8 +374,11 @@ def token_pairs(draw):
 
 
 @SETTINGS
-@hypothesis.given(case=token_pairs(), mode=st.sampled_from(["decode", "prefill"]),
-                  option=st.sampled_from([None, "batch_size", "max_length", "length_bucket", "mode"]))
+@hypothesis.given(
+  case=token_pairs(),
+  mode=st.sampled_from(["decode", "prefill"]),
+  option=st.sampled_from([None, "batch_size", "max_length", "length_bucket", "mode"]),
+)
 def test_score_pairs(engine, case, mode, option):
   pairs, broken = case
   kwargs = {**ADAPTER, "mode": mode}
@@ -356,8 +403,11 @@ def requests(kind, args):
 
 
 @SETTINGS
-@hypothesis.given(args=st.lists(st.tuples(TEXT, TEXT), min_size=1, max_size=3), bad=st.sampled_from([None, 0, 1]),
-                  value=st.sampled_from([None, 3, b"bytes", ["list"]]))
+@hypothesis.given(
+  args=st.lists(st.tuples(TEXT, TEXT), min_size=1, max_size=3),
+  bad=st.sampled_from([None, 0, 1]),
+  value=st.sampled_from([None, 3, b"bytes", ["list"]]),
+)
 def test_adapter_loglikelihood(lm, args, bad, value):
   broken = None
   if bad is not None:
@@ -375,9 +425,22 @@ def test_adapter_loglikelihood(lm, args, bad, value):
 def gen_kwargs(draw):
   """(gen_kwargs, broken): lm-eval's greedy defaults, or one key made unsupported."""
   kwargs = {"until": draw(st.sampled_from([["\n"], ".", [], ["\x00never"]])), "max_gen_toks": draw(st.integers(0, 3))}
-  kwargs.update(draw(st.sampled_from([{}, {"do_sample": False}, {"do_sample": False, "temperature": 0.0},
-                                      {"temperature": 0.0}, {"do_sample": False, "temperature": 0.7}])))
-  fault = draw(st.one_of(st.none(), st.sampled_from(["max_gen_toks", "do_sample", "temperature", "num_beams", "until"])))
+  kwargs.update(
+    draw(
+      st.sampled_from(
+        [
+          {},
+          {"do_sample": False},
+          {"do_sample": False, "temperature": 0.0},
+          {"temperature": 0.0},
+          {"do_sample": False, "temperature": 0.7},
+        ]
+      )
+    )
+  )
+  fault = draw(
+    st.one_of(st.none(), st.sampled_from(["max_gen_toks", "do_sample", "temperature", "num_beams", "until"]))
+  )
   if fault == "max_gen_toks":
     kwargs["max_gen_toks"] = draw(st.one_of(bad_count(), st.integers(ADAPTER["max_length"], 100)))
   elif fault == "do_sample":
@@ -421,8 +484,16 @@ def test_padding_ids_outside_the_vocabulary_would_poison_the_row(model):
   with pytest.raises(ValueError, match=rf"input_ids\[0, 0\] = {VOCAB} is outside the vocabulary"):
     model.forward(ids, mask)
   forward, _ = model_lib._programs()
-  logits, _ = forward(model.graphdef, model.state, model.experts_on_device(), ids,
-                      model_lib.prompt_positions(mask), mask.astype(bool), model.init_caches(2, 3), 0)
+  logits, _ = forward(
+    model.graphdef,
+    model.state,
+    model.experts_on_device(),
+    ids,
+    model_lib.prompt_positions(mask),
+    mask.astype(bool),
+    model.init_caches(2, 3),
+    0,
+  )
   assert np.isnan(np.asarray(logits)[0, 1:]).all() and np.isfinite(np.asarray(logits)[1, 1:]).all()
 
 

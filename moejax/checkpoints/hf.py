@@ -37,14 +37,14 @@ class Layout:
 
 
 LAYOUTS: dict[str, Layout] = {
-    "qwen2_moe": Layout(),
-    "qwen3_moe": Layout(),
-    "olmoe": Layout(),
-    "mixtral": Layout(moe="block_sparse_moe", expert_proj=("w1", "w3", "w2")),
-    "deepseek_v2": Layout(shared="shared_experts"),
-    "deepseek_v3": Layout(shared="shared_experts"),
-    "deepseek": Layout(shared="shared_experts"),
-    "xverse": Layout(router="router", shared="shared_experts"),
+  "qwen2_moe": Layout(),
+  "qwen3_moe": Layout(),
+  "olmoe": Layout(),
+  "mixtral": Layout(moe="block_sparse_moe", expert_proj=("w1", "w3", "w2")),
+  "deepseek_v2": Layout(shared="shared_experts"),
+  "deepseek_v3": Layout(shared="shared_experts"),
+  "deepseek": Layout(shared="shared_experts"),
+  "xverse": Layout(router="router", shared="shared_experts"),
 }
 
 
@@ -95,9 +95,12 @@ def expert_tensors(reader: CheckpointReader, config: MoEConfig, layer: int, expe
   g_name, u_name, d_name = layout.expert_proj
   if f"{base}.0.{g_name}.weight" not in reader:
     raise CheckpointError(
-        f"Routed experts of layer {layer} not found: expected {base}.0.{g_name}.weight "
-        f"or {base}.gate_up_proj in {reader.path!r}."
+      f"Routed experts of layer {layer} not found: expected {base}.0.{g_name}.weight "
+      f"or {base}.gate_up_proj in {reader.path!r}."
     )
   prefix = f"{base}.{expert}"
-  return (reader.get(f"{prefix}.{g_name}.weight", (f, d)), reader.get(f"{prefix}.{u_name}.weight", (f, d)),
-          reader.get(f"{prefix}.{d_name}.weight", (d, f)))
+  return (
+    reader.get(f"{prefix}.{g_name}.weight", (f, d)),
+    reader.get(f"{prefix}.{u_name}.weight", (f, d)),
+    reader.get(f"{prefix}.{d_name}.weight", (d, f)),
+  )

@@ -59,8 +59,8 @@ def restore(path: str | os.PathLike, experts: str = "device") -> Model:
     abstract = nnx.eval_shape(lambda: Decoder(config, dtype=dtype))
     graphdef, state = nnx.split(abstract)
     target = {
-        "decoder": jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state)),
-        "experts": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta.item_metadata.tree["experts"]),
+      "decoder": jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state)),
+      "experts": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta.item_metadata.tree["experts"]),
     }
     tree = ckpt.restore(os.path.join(path, _STATE), target)
   nnx.replace_by_pure_dict(state, tree["decoder"])

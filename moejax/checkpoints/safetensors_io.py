@@ -20,16 +20,16 @@ import ml_dtypes
 import numpy as np
 
 _DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
+  "F64": np.float64,
+  "F32": np.float32,
+  "F16": np.float16,
+  "BF16": ml_dtypes.bfloat16,
+  "I64": np.int64,
+  "I32": np.int32,
+  "I16": np.int16,
+  "I8": np.int8,
+  "U8": np.uint8,
+  "BOOL": np.bool_,
 }
 
 
@@ -56,7 +56,7 @@ def _read_header(path: str) -> tuple[dict, int]:
     end = info["data_offsets"][1]
     if data_start + end > size:
       raise CheckpointError(
-          f"{path} is truncated: tensor {name!r} ends at byte {data_start + end} of {size}; re-download it."
+        f"{path} is truncated: tensor {name!r} ends at byte {data_start + end} of {size}; re-download it."
       )
   return header, data_start
 
@@ -80,8 +80,8 @@ class CheckpointReader:
       files = sorted(p for p in os.listdir(path) if p.endswith(".safetensors"))
     if not files:
       raise CheckpointError(
-          f"No *.safetensors weights in {path!r}. Convert PyTorch .bin weights with "
-          "`model.save_pretrained(dir, safe_serialization=True)` first."
+        f"No *.safetensors weights in {path!r}. Convert PyTorch .bin weights with "
+        "`model.save_pretrained(dir, safe_serialization=True)` first."
       )
     self.path = path
     self._where: dict[str, tuple[str, dict, int]] = {}
@@ -122,8 +122,8 @@ class CheckpointReader:
     full = tuple(info["shape"])
     if shape is not None and full != tuple(shape):
       raise CheckpointError(
-          f"Tensor {key!r} has shape {full}, but the config implies {tuple(shape)}; "
-          "config.json and the weights do not belong together."
+        f"Tensor {key!r} has shape {full}, but the config implies {tuple(shape)}; "
+        "config.json and the weights do not belong together."
       )
     begin = start + info["data_offsets"][0]
     out_shape = full

@@ -49,8 +49,9 @@ def resolve_costs(costs: str | Sequence[float] | balance.CostModel, config: MoEC
     if text == CALIBRATE:
       return None
     if text in PROFILES:
-      load_s, cpu_s = expert_costs(text, config.expert_param_count() * PROFILE_DTYPE_BYTES,
-                                   dtype_bytes=PROFILE_DTYPE_BYTES)
+      load_s, cpu_s = expert_costs(
+        text, config.expert_param_count() * PROFILE_DTYPE_BYTES, dtype_bytes=PROFILE_DTYPE_BYTES
+      )
       return _fixed(load_s, cpu_s)
     parts = text.split(",")
     try:
@@ -62,8 +63,8 @@ def resolve_costs(costs: str | Sequence[float] | balance.CostModel, config: MoEC
   elif isinstance(costs, Sequence) and len(costs) == 2:
     return _fixed(*(float(c) for c in costs))
   raise ValueError(
-      f"costs={costs!r}: use {CALIBRATE!r} (measure on this machine), a hardware profile name "
-      f"({', '.join(sorted(PROFILES))}), or fixed seconds 'LOAD_S,CPU_S' such as '0.002,0.001'."
+    f"costs={costs!r}: use {CALIBRATE!r} (measure on this machine), a hardware profile name "
+    f"({', '.join(sorted(PROFILES))}), or fixed seconds 'LOAD_S,CPU_S' such as '0.002,0.001'."
   )
 
 
@@ -108,5 +109,4 @@ def calibrate(config: MoEConfig, store: ExpertWeights, repeats: int = 5) -> bala
       times.append(time.perf_counter() - t)
     return float(np.median(times))
 
-  return balance.update_costs(balance.init_cost_model(), load_s=median(fill), n_load=k, cpu_s=median(compute),
-                              n_cpu=k)
+  return balance.update_costs(balance.init_cost_model(), load_s=median(fill), n_load=k, cpu_s=median(compute), n_cpu=k)

@@ -191,24 +191,35 @@ class Engine:
       raise ValueError(f"The model ({config.model_type}) has no MoE layers; there is nothing to schedule.")
     spec = opts.policy if isinstance(opts.policy, PolicySpec) else get_policy(opts.policy)
     # Unset options take the policy's own alpha and scope.
-    opts = dataclasses.replace(opts, alpha=float(spec.alpha or 0.0 if opts.alpha is None else opts.alpha),
-                               cache_scope=opts.cache_scope or spec.cache_scope)
+    opts = dataclasses.replace(
+      opts,
+      alpha=float(spec.alpha or 0.0 if opts.alpha is None else opts.alpha),
+      cache_scope=opts.cache_scope or spec.cache_scope,
+    )
     alpha = opts.alpha
     if not alpha >= 0:
       raise ValueError(f"alpha must be >= 0 (got {alpha}); alpha = 0 computes the model exactly.")
     self.model, self.config, self.options, self.spec = model, config, opts, spec
     dtype_bytes = jnp.dtype(model.dtype).itemsize
-    self.num_slots = setup.slot_count(config, spec, cache_slots=opts.cache_slots, cache_bytes=opts.cache_bytes,
-                                      cache_fraction=opts.cache_fraction, scope=opts.cache_scope,
-                                      dtype_bytes=dtype_bytes)
+    self.num_slots = setup.slot_count(
+      config,
+      spec,
+      cache_slots=opts.cache_slots,
+      cache_bytes=opts.cache_bytes,
+      cache_fraction=opts.cache_fraction,
+      scope=opts.cache_scope,
+      dtype_bytes=dtype_bytes,
+    )
     self.placements = setup.placements(config, spec, self.num_slots, opts.cache_scope)
     experts = model.experts_on_device() if not spec.cache else HostExpertStore(model.experts).layers
     self.consts = StepConstants(
-        params=jax.tree.leaves(nnx.state(model.decoder)), experts=tuple(experts),
-        similarity=setup.similarity_per_layer(model, spec, opts.similarity), alpha=jnp.float32(alpha),
-        prior_strength=jnp.float32(np.log1p(alpha) if opts.cache_prior_strength is None
-                                   else opts.cache_prior_strength),
-        costs=balance.init_cost_model())
+      params=jax.tree.leaves(nnx.state(model.decoder)),
+      experts=tuple(experts),
+      similarity=setup.similarity_per_layer(model, spec, opts.similarity),
+      alpha=jnp.float32(alpha),
+      prior_strength=jnp.float32(np.log1p(alpha) if opts.cache_prior_strength is None else opts.cache_prior_strength),
+      costs=balance.init_cost_model(),
+    )
     self._graphdef = nnx.graphdef(model.decoder)
     self._empty_kv = jax.jit(model.init_caches, static_argnums=(0, 1))  # [B, max_len] caches made on the device
     self.facts = setup.layer_facts(model, spec, self.placements)
@@ -248,8 +259,15 @@ class Engine:
     else:
       initial = None
     self.static_ready = not self.spec.static or static_experts is not None
-    pools = setup.initial_pools(config, self.placements, self.num_slots, window=self.options.window,
-                                dtype=self.model.dtype, store=self.consts.experts, initial=initial)
+    pools = setup.initial_pools(
+      config,
+      self.placements,
+      self.num_slots,
+      window=self.options.window,
+      dtype=self.model.dtype,
+      store=self.consts.experts,
+      initial=initial,
+    )
     self.state = DecodeState(kv=(), pools=pools)
 
   @property
@@ -260,8 +278,11 @@ class Engine:
   @property
   def states(self) -> dict[int, CacheState]:
     """Per MoE layer, the bookkeeping of the slots it uses (shared by all layers with cache_scope "global")."""
-    return {l: self.state.pools[p.pool].table for l, p in enumerate(self.placements)
-            if p is not None and p.residency == Residency.CACHED}
+    return {
+      l: self.state.pools[p.pool].table
+      for l, p in enumerate(self.placements)
+      if p is not None and p.residency == Residency.CACHED
+    }
 
   def calibrate_costs(self, repeats: int = 5) -> balance.CostModel:
     """Measures this machine's per-expert copy and CPU costs on the first MoE layer (`costs.calibrate`)."""
@@ -281,27 +302,38 @@ class Engine:
   # Steps
   # --------------------------------------------------------------------------
 
-  def _step_config(self, exact: bool, score: bool = False, routing: bool | None = None, head: bool = True
-                   ) -> StepConfig:
+  def _step_config(
+    self, exact: bool, score: bool = False, routing: bool | None = None, head: bool = True
+  ) -> StepConfig:
     return StepConfig(
-        self._step_model, self._spec_key, self.options.substitute_weight, self.placements, exact=exact,
-        warm=exact and not self.spec.static, score=score,
-        routing=self.options.record_routing if routing is None else routing, head=head)
+      self._step_model,
+      self._spec_key,
+      self.options.substitute_weight,
+      self.placements,
+      exact=exact,
+      warm=exact and not self.spec.static,
+      score=score,
+      routing=self.options.record_routing if routing is None else routing,
+      head=head,
+    )
 
   def _record(self, run: RunStats, step: StepSummary, record: StepRecord, valid: np.ndarray, measured=None) -> None:
     """Adds one finished step (host arrays in `record`; valid `[N]` its real tokens) to `run`."""
     routing = None
     if record.routing is not None:
-      routing = {l: LayerRouting(np.asarray(e)[valid], np.asarray(t)[valid])
-                 for l, (e, t) in zip(self.config.moe_layer_ids, record.routing)}
+      routing = {
+        l: LayerRouting(np.asarray(e)[valid], np.asarray(t)[valid])
+        for l, (e, t) in zip(self.config.moe_layer_ids, record.routing)
+      }
     run.record_step(step, LayerCounters(*(np.asarray(c) for c in record.counters)), routing, measured)
 
   def _prefill_config(self, score: bool = False, routing: bool | None = None) -> StepConfig:
     """A prompt's step: exact (every expert streamed in, warming the cache) unless `policy_in_prefill`."""
     return self._step_config(not self.options.policy_in_prefill or self.spec.layerwise, score, routing)
 
-  def _step(self, state: DecodeState, batch: StepInput, cfg: StepConfig, kind: str,
-            run: RunStats) -> tuple[Any, DecodeState]:
+  def _step(
+    self, state: DecodeState, batch: StepInput, cfg: StepConfig, kind: str, run: RunStats
+  ) -> tuple[Any, DecodeState]:
     """One forward step of `batch` (host arrays) as a `kind` step, recorded into `run`; returns (output, state)."""
     t0 = time.perf_counter()
     batch = jax.device_put(batch)
@@ -312,20 +344,21 @@ class Engine:
         stages = measured.setdefault(layer, {})
         stages[name] = stages.get(name, 0.0) + seconds
 
-      out, state, record = forward(StagedOps(self.model.decoder, self._programs, timer), cfg, self.consts,
-                                   state, batch)
+      out, state, record = forward(StagedOps(self.model.decoder, self._programs, timer), cfg, self.consts, state, batch)
     else:
       if cfg not in self._programs:
         self._programs[cfg] = step_program(cfg, self._graphdef)
       out, state, record = self._programs[cfg](self.consts, state, batch)
     out, record = jax.device_get((out, record))
     valid = np.asarray(jax.device_get(batch.valid)).reshape(-1)
-    self._record(run, StepSummary(kind, int(valid.sum()), time.perf_counter() - t0, not cfg.exact), record, valid,
-                 measured)
+    self._record(
+      run, StepSummary(kind, int(valid.sum()), time.perf_counter() - t0, not cfg.exact), record, valid, measured
+    )
     return out, state
 
-  def _decode_on_device(self, state: DecodeState, start: DecodeInput, cfg: DecodeConfig,
-                        run: RunStats) -> tuple[np.ndarray, np.ndarray, np.ndarray, DecodeState]:
+  def _decode_on_device(
+    self, state: DecodeState, start: DecodeInput, cfg: DecodeConfig, run: RunStats
+  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, DecodeState]:
     """Emits n >= 2 tokens from the prompt's logits with the n - 1 decode steps between them as one program
     (`stages.decode`), then records every step from the records it returns.
 
@@ -344,12 +377,22 @@ class Engine:
     feed = np.asarray(jax.device_get(start.feed))
     for i in range(n - 1):
       valid = feed[:, i]
-      self._record(run, StepSummary("decode", int(valid.sum()), per_step, not cfg.step.exact),
-                   jax.tree.map(lambda a: a[i], records), valid)
+      self._record(
+        run,
+        StepSummary("decode", int(valid.sum()), per_step, not cfg.step.exact),
+        jax.tree.map(lambda a: a[i], records),
+        valid,
+      )
     return *(np.ascontiguousarray(a[:n].T) for a in (tokens, logp, greedy)), out.state
 
-  def _decode_on_host(self, state: DecodeState, start: DecodeInput, cfg: DecodeConfig, run: RunStats,
-                      stop: Callable[[np.ndarray], bool] | None):
+  def _decode_on_host(
+    self,
+    state: DecodeState,
+    start: DecodeInput,
+    cfg: DecodeConfig,
+    run: RunStats,
+    stop: Callable[[np.ndarray], bool] | None,
+  ):
     """The same decode driven from the host, one `_step` per token (stop callbacks, profile mode).
 
     Returns (tokens, logp, greedy), each `[B, n]` (n <= `start.n` when `stop` ends early), and the state.
@@ -358,8 +401,9 @@ class Engine:
     emitted = []
     for i in range(int(start.n)):
       forced = None if start.forced is None else start.forced[:, i]
-      token, logp, greedy, key = jax.device_get(_emit(logits, key, forced, temperature=cfg.temperature,
-                                                      top_p=cfg.top_p))
+      token, logp, greedy, key = jax.device_get(
+        _emit(logits, key, forced, temperature=cfg.temperature, top_p=cfg.top_p)
+      )
       emitted.append((token, logp, greedy))
       if i == start.n - 1 or (stop is not None and stop(np.stack([e[0] for e in emitted], 1))):
         break
@@ -376,8 +420,11 @@ class Engine:
     tables = jax.device_get([pool.table.slot_expert for pool in state.pools])
     if self.options.cache_scope == "global":
       return sorted(int(k) for k in tables[0] if k >= 0) if tables else []
-    return {l: sorted(int(e) for e in tables[p.pool] if e >= 0) for l, p in enumerate(self.placements)
-            if p is not None and p.residency == Residency.CACHED}
+    return {
+      l: sorted(int(e) for e in tables[p.pool] if e >= 0)
+      for l, p in enumerate(self.placements)
+      if p is not None and p.residency == Residency.CACHED
+    }
 
   # --------------------------------------------------------------------------
   # Static placement
@@ -388,8 +435,13 @@ class Engine:
     if self.static_ready:
       return
     run = self.new_run_stats()
-    self._step(self.state._replace(kv=self._empty_kv(*batch.ids.shape)), batch, self._prefill_config(routing=True),
-               "prefill", run)
+    self._step(
+      self.state._replace(kv=self._empty_kv(*batch.ids.shape)),
+      batch,
+      self._prefill_config(routing=True),
+      "prefill",
+      run,
+    )
     counts = {l: np.bincount(r.experts.ravel(), minlength=self.config.num_experts) for l, r in run.routing[0].items()}
     self.reset(setup.most_used(counts, self.num_slots, self.options.cache_scope))
 
@@ -399,8 +451,9 @@ class Engine:
 
   def _prompt(self, input_ids, attention_mask, right_padding: bool = False) -> StepInput:
     """The prefill `StepInput` of a padded batch, checked (`moejax.validation.prompt_batch`), on the host."""
-    ids, valid = validation.prompt_batch(input_ids, attention_mask, vocab_size=self.config.vocab_size,
-                                         right_padding=right_padding)
+    ids, valid = validation.prompt_batch(
+      input_ids, attention_mask, vocab_size=self.config.vocab_size, right_padding=right_padding
+    )
     positions = np.maximum(np.cumsum(valid, axis=1, dtype=np.int32) - 1, 0)  # as `models.model.prompt_positions`
     return StepInput(ids, positions, valid, np.int32(0))
 
@@ -421,13 +474,15 @@ class Engine:
     self._maybe_calibrate_static(batch)
     self._calibrate_once(self.options.policy_in_prefill)
     run = self.new_run_stats() if run_stats is None else run_stats
-    (logp, greedy), state = self._step(self.state._replace(kv=self._empty_kv(*batch.ids.shape)), batch,
-                                       self._prefill_config(score=True), "prefill", run)
+    (logp, greedy), state = self._step(
+      self.state._replace(kv=self._empty_kv(*batch.ids.shape)), batch, self._prefill_config(score=True), "prefill", run
+    )
     self.state = state._replace(kv=())
     return np.asarray(logp), np.asarray(greedy)
 
-  def generate(self, input_ids, max_new_tokens: int, attention_mask=None, decoding: Decoding | None = None,
-               **overrides) -> GenerationResult:
+  def generate(
+    self, input_ids, max_new_tokens: int, attention_mask=None, decoding: Decoding | None = None, **overrides
+  ) -> GenerationResult:
     """Decodes N tokens for a batch of B left-padded prompts.
 
     Args:
@@ -446,9 +501,9 @@ class Engine:
     batch = self._prompt(input_ids, attention_mask)
     b, t = batch.ids.shape
     max_new_tokens, temperature, top_p = validation.generation_options(max_new_tokens, opts.temperature, opts.top_p)
-    forced_tokens, forced_mask = validation.forced_batch(forced_tokens, forced_mask, batch=b,
-                                                         max_new_tokens=max_new_tokens,
-                                                         vocab_size=self.config.vocab_size)
+    forced_tokens, forced_mask = validation.forced_batch(
+      forced_tokens, forced_mask, batch=b, max_new_tokens=max_new_tokens, vocab_size=self.config.vocab_size
+    )
     feed = np.ones((b, max_new_tokens), bool)
     if forced_mask is not None:
       feed[:, :-1] = forced_mask[:, 1:]
@@ -462,8 +517,15 @@ class Engine:
     logits, state = self._step(state, batch, self._prefill_config(), "prefill", run)
     if self.options.record_routing and max_new_tokens > 1:
       run.record_decode_start(self._resident(state))
-    start = DecodeInput(logits, np.uint32(validation.count(opts.seed, name="seed")), forced_tokens, feed,
-                        batch.positions[:, -1:] + 1, np.int32(t), np.int32(max_new_tokens))
+    start = DecodeInput(
+      logits,
+      np.uint32(validation.count(opts.seed, name="seed")),
+      forced_tokens,
+      feed,
+      batch.positions[:, -1:] + 1,
+      np.int32(t),
+      np.int32(max_new_tokens),
+    )
     if opts.forward_only and forced_tokens is None:
       raise ValueError("forward_only=True times the decoder without its LM head, so it needs forced_tokens.")
     step = self._step_config(self.spec.layerwise, head=not opts.forward_only)
@@ -471,11 +533,18 @@ class Engine:
       length = bucket(max_new_tokens)
       pad = lambda a: None if a is None else np.pad(a, ((0, 0), (0, length - max_new_tokens)))
       start = start._replace(forced=pad(forced_tokens), feed=pad(feed))
-      gen, logps, greedy, state = self._decode_on_device(state, start, DecodeConfig(step, length, temperature, top_p),
-                                                         run)
+      gen, logps, greedy, state = self._decode_on_device(
+        state, start, DecodeConfig(step, length, temperature, top_p), run
+      )
     else:  # the host drives the steps: a stop callback sees each token, or profile mode times each stage
       cfg = DecodeConfig(step, max_new_tokens, temperature, top_p)
       gen, logps, greedy, state = self._decode_on_host(state, start, cfg, run, stop)
     self.state = state._replace(kv=())
-    return GenerationResult(tokens=np.concatenate([batch.ids, gen.astype(np.int32)], axis=1), logprobs=logps,
-                            greedy=greedy, stats=run.summary(), trace=run.trace, routing=run.routing)
+    return GenerationResult(
+      tokens=np.concatenate([batch.ids, gen.astype(np.int32)], axis=1),
+      logprobs=logps,
+      greedy=greedy,
+      stats=run.summary(),
+      trace=run.trace,
+      routing=run.routing,
+    )

@@ -82,15 +82,31 @@ def _selection(config: MoEConfig, spec: PolicySpec, scores, resident, bias, prio
 def _route(plan: LayerPlan, scores, resident, valid, selected, knobs: Knobs) -> routing.Plan:
   k, spec = plan.config.num_experts_per_tok, plan.spec
   if spec.substitution == "buddy":
-    return routing.buddy_route(scores, resident, k=k, similarity=knobs.similarity, selected=selected, valid=valid,
-                               substitute_weight=plan.substitute_weight, alpha=knobs.alpha)
+    return routing.buddy_route(
+      scores,
+      resident,
+      k=k,
+      similarity=knobs.similarity,
+      selected=selected,
+      valid=valid,
+      substitute_weight=plan.substitute_weight,
+      alpha=knobs.alpha,
+    )
   if spec.substitution in ("score", "similarity"):
-    return routing.route(scores, resident, k=k, alpha=knobs.alpha, selected=selected, valid=valid,
-                         similarity=knobs.similarity if spec.substitution == "similarity" else None,
-                         substitute_weight=plan.substitute_weight)
+    return routing.route(
+      scores,
+      resident,
+      k=k,
+      alpha=knobs.alpha,
+      selected=selected,
+      valid=valid,
+      similarity=knobs.similarity if spec.substitution == "similarity" else None,
+      substitute_weight=plan.substitute_weight,
+    )
   if spec.substitution == "release":
-    return routing.release_route(scores, resident, k=k, alpha=knobs.alpha, selected=selected, valid=valid,
-                                 substitute_weight=plan.substitute_weight)
+    return routing.release_route(
+      scores, resident, k=k, alpha=knobs.alpha, selected=selected, valid=valid, substitute_weight=plan.substitute_weight
+    )
   return routing.route(scores, resident, k=k, alpha=0.0, selected=selected, valid=valid)
 
 
@@ -99,8 +115,9 @@ def _distinct(experts, pair_mask, e):
   return jnp.zeros(e, bool).at[experts].max(pair_mask)
 
 
-def schedule_layer(plan: LayerPlan, layer, scores, valid, table, costs: balance.CostModel, arrived,
-                   knobs: Knobs) -> LayerDecision:
+def schedule_layer(
+  plan: LayerPlan, layer, scores, valid, table, costs: balance.CostModel, arrived, knobs: Knobs
+) -> LayerDecision:
   """Plans one MoE layer whose experts live in a slot pool (or on the CPU only: `table` None).
 
   Args:
@@ -126,17 +143,20 @@ def schedule_layer(plan: LayerPlan, layer, scores, valid, table, costs: balance.
   elif spec.cpu_compute == "always":
     load = jnp.zeros(e, bool)
   elif spec.cpu_compute == "balance":
-    load, _ = balance.split_load_cpu(jnp.where(routed.missing, priority, -jnp.inf), c_load=costs.load_s,
-                                     c_cpu=costs.cpu_s)
+    load, _ = balance.split_load_cpu(
+      jnp.where(routed.missing, priority, -jnp.inf), c_load=costs.load_s, c_cpu=costs.cpu_s
+    )
   else:  # "greedy": the released code ranks misses by tokens routed to them (ties: by score, below 1)
     tokens = jnp.zeros(e, jnp.float32).at[routed.experts].add(pair_valid)
-    load, _ = balance.greedy_split_load_cpu(jnp.where(routed.missing, tokens + priority, -jnp.inf),
-                                            c_load=costs.load_s, c_cpu=costs.cpu_s)
+    load, _ = balance.greedy_split_load_cpu(
+      jnp.where(routed.missing, tokens + priority, -jnp.inf), c_load=costs.load_s, c_cpu=costs.cpu_s
+    )
 
   max_loads = 0 if table is None else min(table.num_slots, e)
   if table is not None and spec.eviction is not None and max_loads > 0:
-    table, adm = cache.admit(table, load, routed.needed, priority, policy=spec.eviction, max_loads=max_loads,
-                             group=plan.group)
+    table, adm = cache.admit(
+      table, load, routed.needed, priority, policy=spec.eviction, max_loads=max_loads, group=plan.group
+    )
     loads, load_slots = adm.experts, adm.slots
   else:
     loads = load_slots = jnp.full(max(max_loads, 1), -1, jnp.int32)
@@ -153,17 +173,24 @@ def schedule_layer(plan: LayerPlan, layer, scores, valid, table, costs: balance.
   classes = (on_device & was_resident & ~came, on_device & came, on_device & ~was_resident, on_cpu)
   top = routed.top_score & pair_valid
   hit = on_device & was_resident
-  n_pref, n_pref_top, n_pref_sel = prefetch.prefetch_accuracy(arrived, _distinct(routed.experts, top, e),
-                                                              routed.needed)
+  n_pref, n_pref_top, n_pref_sel = prefetch.prefetch_accuracy(arrived, _distinct(routed.experts, top, e), routed.needed)
   counters = LayerCounters(
-      pairs=pair_valid.sum(), pairs_resident=classes[0].sum(), pairs_prefetch=classes[1].sum(),
-      pairs_demand=classes[2].sum(), pairs_cpu=classes[3].sum(), pairs_top=top.sum(),
-      pairs_top_hit=(top & hit).sum(), substituted=(routed.substituted & pair_valid).sum(),
-      resident_hits=_distinct(routed.experts, classes[0], e).sum(),
-      prefetch_hits=_distinct(routed.experts, classes[1], e).sum(),
-      demand_loads=_distinct(routed.experts, classes[2], e).sum(),
-      cpu_experts=_distinct(routed.experts, classes[3], e).sum(),
-      prefetched=n_pref, prefetched_top=n_pref_top, prefetched_selected=n_pref_sel, streamed=jnp.int32(0),
+    pairs=pair_valid.sum(),
+    pairs_resident=classes[0].sum(),
+    pairs_prefetch=classes[1].sum(),
+    pairs_demand=classes[2].sum(),
+    pairs_cpu=classes[3].sum(),
+    pairs_top=top.sum(),
+    pairs_top_hit=(top & hit).sum(),
+    substituted=(routed.substituted & pair_valid).sum(),
+    resident_hits=_distinct(routed.experts, classes[0], e).sum(),
+    prefetch_hits=_distinct(routed.experts, classes[1], e).sum(),
+    demand_loads=_distinct(routed.experts, classes[2], e).sum(),
+    cpu_experts=_distinct(routed.experts, classes[3], e).sum(),
+    prefetched=n_pref,
+    prefetched_top=n_pref_top,
+    prefetched_selected=n_pref_sel,
+    streamed=jnp.int32(0),
   )
   counters = jax.tree.map(lambda c: jnp.asarray(c, jnp.int32), counters)
   return LayerDecision(routed.experts, mix, top, slots, on_cpu, classes[2], loads, load_slots, table, counters)
@@ -181,18 +208,31 @@ def schedule_exact(config: MoEConfig, residency: Residency, layer, scores, valid
   selected, mix = moe.own_routing(config, scores, layer.mlp.router.selection_bias())
   pair_valid = jnp.broadcast_to(valid[:, None], selected.shape)
   top = jnp.take_along_axis(
-      routing.top_score_mask(scores, k=config.num_experts_per_tok, alpha=0.0, selected=selected, valid=valid),
-      selected, axis=-1)
+    routing.top_score_mask(scores, k=config.num_experts_per_tok, alpha=0.0, selected=selected, valid=valid),
+    selected,
+    axis=-1,
+  )
   slots = jnp.where(pair_valid, selected, -1)
   pairs, used = pair_valid.sum(), _distinct(selected, pair_valid, e).sum()
   resident = residency == Residency.RESIDENT
   zero = jnp.int32(0)
   counters = LayerCounters(
-      pairs=pairs, pairs_resident=pairs if resident else zero, pairs_prefetch=zero if resident else pairs,
-      pairs_demand=zero, pairs_cpu=zero, pairs_top=top.sum(), pairs_top_hit=top.sum(), substituted=zero,
-      resident_hits=used if resident else zero, prefetch_hits=zero if resident else used, demand_loads=zero,
-      cpu_experts=zero, prefetched=zero, prefetched_top=zero, prefetched_selected=zero,
-      streamed=jnp.int32(0 if resident else e),
+    pairs=pairs,
+    pairs_resident=pairs if resident else zero,
+    pairs_prefetch=zero if resident else pairs,
+    pairs_demand=zero,
+    pairs_cpu=zero,
+    pairs_top=top.sum(),
+    pairs_top_hit=top.sum(),
+    substituted=zero,
+    resident_hits=used if resident else zero,
+    prefetch_hits=zero if resident else used,
+    demand_loads=zero,
+    cpu_experts=zero,
+    prefetched=zero,
+    prefetched_top=zero,
+    prefetched_selected=zero,
+    streamed=jnp.int32(0 if resident else e),
   )
   counters = jax.tree.map(lambda c: jnp.asarray(c, jnp.int32), counters)
   none = jnp.full(1, -1, jnp.int32)
@@ -209,8 +249,9 @@ class PrefetchGate(NamedTuple):
   keep: jax.Array | None
 
 
-def prefetch_layer(plan: LayerPlan, layer, pred_scores, valid, table: cache.CacheState, alpha,
-                   gate: PrefetchGate) -> tuple[cache.CacheState, cache.Admission, jax.Array]:
+def prefetch_layer(
+  plan: LayerPlan, layer, pred_scores, valid, table: cache.CacheState, alpha, gate: PrefetchGate
+) -> tuple[cache.CacheState, cache.Admission, jax.Array]:
   """Admits the layer's predicted top-score experts (or its most activated ones) before its plan.
 
   Returns (table, admission, arrived `[E]` bool: the experts it copies in).
@@ -228,10 +269,19 @@ def prefetch_layer(plan: LayerPlan, layer, pred_scores, valid, table: cache.Cach
     if spec.prefetch_limit is None:
       want = prefetch.prefetch_targets(pred_scores, resident, k=k, alpha=alpha, valid=valid, selected=selected)
     else:
-      want = prefetch.limited_targets(pred_scores, resident, k=k, alpha=alpha, max_experts=spec.prefetch_limit,
-                                      valid=valid, selected=selected)
+      want = prefetch.limited_targets(
+        pred_scores, resident, k=k, alpha=alpha, max_experts=spec.prefetch_limit, valid=valid, selected=selected
+      )
     priority = jnp.max(jnp.where(valid[:, None], pred_scores, 0.0), axis=0)
-  table, adm = cache.admit(table, want & gate.enabled, jnp.zeros_like(want), priority, policy=spec.eviction,
-                           max_loads=max_loads, group=plan.group, keep=gate.keep)
+  table, adm = cache.admit(
+    table,
+    want & gate.enabled,
+    jnp.zeros_like(want),
+    priority,
+    policy=spec.eviction,
+    max_loads=max_loads,
+    group=plan.group,
+    keep=gate.keep,
+  )
   arrived = jnp.zeros(e, bool).at[jnp.where(adm.experts >= 0, adm.experts, e)].set(True, mode="drop")
   return table, adm, arrived

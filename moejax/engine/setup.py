@@ -29,8 +29,9 @@ from moejax.scheduling import similarity as similarity_lib
 from moejax.scheduling.policies import PolicySpec
 
 
-def slot_count(config: MoEConfig, spec: PolicySpec, *, cache_slots, cache_bytes, cache_fraction, scope: str,
-               dtype_bytes: int) -> int:
+def slot_count(
+  config: MoEConfig, spec: PolicySpec, *, cache_slots, cache_bytes, cache_fraction, scope: str, dtype_bytes: int
+) -> int:
   """Slots of each pool (per MoE layer, or one pool for all with scope "global") the policy gets.
 
   Policies without a device cache get every expert (resident, layerwise) or
@@ -42,14 +43,20 @@ def slot_count(config: MoEConfig, spec: PolicySpec, *, cache_slots, cache_bytes,
     return e
   if spec.cpu_compute == "always" and not spec.static and spec.prefetch is None:
     return 0  # nothing is ever loaded: no device cache at all
-  slots = slot_lib.resolve_cache_slots(config, cache_slots=cache_slots, cache_bytes=cache_bytes,
-                                       cache_fraction=cache_fraction, dtype_bytes=dtype_bytes, scope=scope)
+  slots = slot_lib.resolve_cache_slots(
+    config,
+    cache_slots=cache_slots,
+    cache_bytes=cache_bytes,
+    cache_fraction=cache_fraction,
+    dtype_bytes=dtype_bytes,
+    scope=scope,
+  )
   k = config.num_experts_per_tok
   if spec.cpu_compute == "never" and slots < k:
     where = "in the shared pool" if scope == "global" else "per layer"
     raise ValueError(
-        f"cache_slots={slots} {where} is below top-k={k} and policy {spec.name!r} never computes on the CPU: "
-        f"raise the cache to >= {k} slots, or use a policy with CPU compute (e.g. 'smoe', 'cpu')."
+      f"cache_slots={slots} {where} is below top-k={k} and policy {spec.name!r} never computes on the CPU: "
+      f"raise the cache to >= {k} slots, or use a policy with CPU compute (e.g. 'smoe', 'cpu')."
     )
   return slots
 
@@ -70,9 +77,16 @@ def placements(config: MoEConfig, spec: PolicySpec, num_slots: int, scope: str) 
   return tuple(place(moe_index[l]) if l in moe_index else None for l in range(config.num_layers))
 
 
-def initial_pools(config: MoEConfig, layout: Sequence[LayerPlacement | None], num_slots: int, *, window: int,
-                  dtype, store: Sequence[ExpertWeights | None], initial: dict[int, Sequence[int]] | None = None
-                  ) -> tuple[SlotPool, ...]:
+def initial_pools(
+  config: MoEConfig,
+  layout: Sequence[LayerPlacement | None],
+  num_slots: int,
+  *,
+  window: int,
+  dtype,
+  store: Sequence[ExpertWeights | None],
+  initial: dict[int, Sequence[int]] | None = None,
+) -> tuple[SlotPool, ...]:
   """The slot pools of a placement, empty or holding `initial` {MoE layer: experts} (copied from `store`)."""
   e = config.num_experts
   groups: dict[int, list[tuple[int, int]]] = {}  # pool -> [(layer, group)]
@@ -152,8 +166,9 @@ def layer_facts(model: Model, spec: PolicySpec, layout: Sequence[LayerPlacement 
   dtype_bytes = jnp.dtype(model.dtype).itemsize
   layers = model.decoder.layers
   dense = tuple(_nbytes(nnx.state(layer)) for layer in layers)  # routed experts are not in the module
-  expert = tuple(config.expert_param_count() * dtype_bytes if config.moe_layers[l] else 0
-                 for l in range(config.num_layers))
+  expert = tuple(
+    config.expert_param_count() * dtype_bytes if config.moe_layers[l] else 0 for l in range(config.num_layers)
+  )
   predictor_bytes, predictor = [0] * config.num_layers, [""] * config.num_layers
   moe_ids = config.moe_layer_ids
   for l, nxt in itertools.pairwise(moe_ids):

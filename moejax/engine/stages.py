@@ -118,8 +118,9 @@ def warm(policy: str, group: int, table, scores, valid, selected, weights, strea
   e = scores.shape[-1]
   used = jnp.zeros(e, bool).at[selected].max(jnp.broadcast_to(valid[:, None], selected.shape))
   priority = jnp.max(jnp.where(valid[:, None], scores, 0.0), axis=0)
-  table, adm = cache.admit(table, used, jnp.zeros(e, bool), priority, policy=policy,
-                           max_loads=min(table.num_slots, e), group=group)
+  table, adm = cache.admit(
+    table, used, jnp.zeros(e, bool), priority, policy=policy, max_loads=min(table.num_slots, e), group=group
+  )
   return cache.observe(table, scores, used, valid, group=group), fill_slots(weights, streamed, adm.experts, adm.slots)
 
 
@@ -139,8 +140,9 @@ def experts(act: str, provisional: bool, layer, h, x, weights, d: LayerDecision,
   rest += [] if extra is None else [extra]
   if not rest:
     return prov, prov
-  return prov, layer.finish_moe(h, x, sum((r.astype(jnp.float32) for r in rest), routed.astype(jnp.float32))
-                                .astype(x.dtype))
+  return prov, layer.finish_moe(
+    h, x, sum((r.astype(jnp.float32) for r in rest), routed.astype(jnp.float32)).astype(x.dtype)
+  )
 
 
 def cpu_experts(act: str, x, store, d: LayerDecision):
@@ -302,8 +304,12 @@ def _may_cpu(cfg: StepConfig, pools, l: int) -> bool:
 def _prefetches(cfg: StepConfig, l: int) -> bool:
   """Whether a prefetch is issued for MoE layer l (a cached layer after another MoE layer)."""
   moe_ids = cfg.config.moe_layer_ids
-  return (cfg.spec.prefetch is not None and not cfg.exact and cfg.placements[l].residency == Residency.CACHED
-          and moe_ids.index(l) > 0)
+  return (
+    cfg.spec.prefetch is not None
+    and not cfg.exact
+    and cfg.placements[l].residency == Residency.CACHED
+    and moe_ids.index(l) > 0
+  )
 
 
 def _feeds_provisional(cfg: StepConfig, l: int) -> bool:
@@ -329,8 +335,15 @@ def _prediction(ops: StepOps, cfg: StepConfig, l: int, prev: _Previous, scores, 
   if kind == "gate":
     return ops.run("prefetch", l, gate_scores, layer, prev.x)
   if kind == "layernorm":  # without the residual for Qwen2-MoE, as the release runs it (docs/smoe_release.md)
-    return ops.run("prefetch", l, functools.partial(layernorm_scores, cfg.config.model_type != "qwen2_moe"),
-                   ops.layer(prev.layer), layer, prev.x, prev.h)
+    return ops.run(
+      "prefetch",
+      l,
+      functools.partial(layernorm_scores, cfg.config.model_type != "qwen2_moe"),
+      ops.layer(prev.layer),
+      layer,
+      prev.x,
+      prev.h,
+    )
   if kind == "activation":
     return jnp.zeros(scores.shape, jnp.float32)
   if prev.dense_between:
@@ -359,15 +372,32 @@ def _exact_layer(ops: StepOps, cfg: StepConfig, l: int, pools: list, scores, sto
   weights = store if resident else ops.run("copy", l, stream, store)
   if cfg.warm and place.residency == Residency.CACHED:
     pool = pools[place.pool]
-    table, slots = ops.run("copy", l, functools.partial(warm, cfg.spec.eviction or "score", place.group),
-                           pool.table, scores, valid, d.experts, pool.weights, weights, donate=(4,))
+    table, slots = ops.run(
+      "copy",
+      l,
+      functools.partial(warm, cfg.spec.eviction or "score", place.group),
+      pool.table,
+      scores,
+      valid,
+      d.experts,
+      pool.weights,
+      weights,
+      donate=(4,),
+    )
     pools[place.pool] = SlotPool(table, slots)
   return _LayerOut(d, weights, None, None)
 
 
-def _scheduled_layer(ops: StepOps, cfg: StepConfig, consts: StepConstants, l: int, pools: list,
-                     routed: tuple[jax.Array, jax.Array], prefetched: tuple[jax.Array, PrefetchGate] | None,
-                     valid) -> _LayerOut:
+def _scheduled_layer(
+  ops: StepOps,
+  cfg: StepConfig,
+  consts: StepConstants,
+  l: int,
+  pools: list,
+  routed: tuple[jax.Array, jax.Array],
+  prefetched: tuple[jax.Array, PrefetchGate] | None,
+  valid,
+) -> _LayerOut:
   """An MoE layer under the policy: prefetch, plan, copies, CPU experts.
 
   routed: (x `[N, D]`, scores `[N, E]`); prefetched: (predicted scores `[N, E]`, `PrefetchGate`), or None.
@@ -381,12 +411,14 @@ def _scheduled_layer(ops: StepOps, cfg: StepConfig, consts: StepConstants, l: in
   arrived = jnp.zeros(config.num_experts, bool)
   if prefetched is not None:
     pred, gate = prefetched
-    table, adm, arrived = ops.run("prefetch", l, functools.partial(prefetch_layer, plan), ops.layer(l), pred, valid,
-                                  table, consts.alpha, gate)
+    table, adm, arrived = ops.run(
+      "prefetch", l, functools.partial(prefetch_layer, plan), ops.layer(l), pred, valid, table, consts.alpha, gate
+    )
     weights = ops.run("copy", l, fill_slots, weights, store, adm.experts, adm.slots, donate=(0,))
   knobs = Knobs(consts.alpha, consts.prior_strength, consts.similarity[l])
-  d = ops.run("plan", l, functools.partial(schedule_layer, plan), ops.layer(l), scores, valid, table, consts.costs,
-              arrived, knobs)
+  d = ops.run(
+    "plan", l, functools.partial(schedule_layer, plan), ops.layer(l), scores, valid, table, consts.costs, arrived, knobs
+  )
   if cached:
     weights = ops.run("copy", l, fill_slots, weights, store, d.loads, d.load_slots, donate=(0,))
     pools[place.pool] = SlotPool(d.table, weights)
@@ -394,8 +426,16 @@ def _scheduled_layer(ops: StepOps, cfg: StepConfig, consts: StepConstants, l: in
     weights = moe.ExpertWeights(*(jnp.zeros((1, *w.shape[1:]), w.dtype) for w in store))
   extra = None
   if _may_cpu(cfg, pools, l):
-    extra = ops.cond(d.counters.pairs_cpu > 0, "cpu", l, functools.partial(cpu_experts, config.hidden_act),
-                     lambda x, *_: jnp.zeros(x.shape, jnp.float32), x, store, d)
+    extra = ops.cond(
+      d.counters.pairs_cpu > 0,
+      "cpu",
+      l,
+      functools.partial(cpu_experts, config.hidden_act),
+      lambda x, *_: jnp.zeros(x.shape, jnp.float32),
+      x,
+      store,
+      d,
+    )
   return _LayerOut(d, weights, extra, d.counters.pairs_demand + d.counters.pairs_cpu > 0)
 
 
@@ -409,8 +449,9 @@ def _shared_pool_keys(cfg: StepConfig, pools, l: int, d: LayerDecision, valid) -
   return jnp.zeros(groups * e, bool).at[place.group * e + d.experts].max(used)
 
 
-def forward(ops: StepOps, cfg: StepConfig, consts: StepConstants, state: DecodeState,
-            batch: StepInput) -> tuple[Any, DecodeState, StepRecord]:
+def forward(
+  ops: StepOps, cfg: StepConfig, consts: StepConstants, state: DecodeState, batch: StepInput
+) -> tuple[Any, DecodeState, StepRecord]:
   """One forward step of the decoder under the policy: `state -> state`.
 
   Args:
@@ -448,8 +489,17 @@ def forward(ops: StepOps, cfg: StepConfig, consts: StepConstants, state: DecodeS
       out = _scheduled_layer(ops, cfg, consts, l, pools, (x, scores), prefetched, valid)
     d = out.decision
     # Pairs whose expert was resident before the plan form the provisional output; demand loads join after it.
-    prov, h = ops.run("experts", l, functools.partial(experts, config.hidden_act, _feeds_provisional(cfg, l)), layer,
-                      h, x, out.weights, d, out.extra)
+    prov, h = ops.run(
+      "experts",
+      l,
+      functools.partial(experts, config.hidden_act, _feeds_provisional(cfg, l)),
+      layer,
+      h,
+      x,
+      out.weights,
+      d,
+      out.extra,
+    )
     counters.append(d.counters)
     routing.append((d.experts, d.top))
     prev = _Previous(l, h_attention, x, prov, out.missed, _shared_pool_keys(cfg, pools, l, d, valid), False)
@@ -528,8 +578,9 @@ def decode(ops: StepOps, cfg: DecodeConfig, consts: StepConstants, state: Decode
   def forward_step(i, carry):
     logits, key, state = carry
     token, logp, greedy, key = emit(i, logits, key)
-    batch = StepInput(token[:, None], start.positions + i, jax.lax.dynamic_slice_in_dim(start.feed, i, 1, axis=1),
-                      start.index + i)
+    batch = StepInput(
+      token[:, None], start.positions + i, jax.lax.dynamic_slice_in_dim(start.feed, i, 1, axis=1), start.index + i
+    )
     out, state, record = forward(ops, cfg.step, consts, state, batch)
     return (out, key, state), (token, logp, greedy, record)
 

@@ -96,8 +96,9 @@ class LayerFacts(NamedTuple):
   head_bytes: int
 
 
-def layer_event(layer: int, tokens: int, counts: LayerCounters, facts: LayerFacts, scheduled: bool,
-                measured) -> LayerEvent:
+def layer_event(
+  layer: int, tokens: int, counts: LayerCounters, facts: LayerFacts, scheduled: bool, measured
+) -> LayerEvent:
   """The trace event of one MoE layer step (host ints in `counts`), in `moejax.sim.trace`'s terms.
 
   The trace counts the experts of a streamed layer as `hits` copied by
@@ -106,17 +107,24 @@ def layer_event(layer: int, tokens: int, counts: LayerCounters, facts: LayerFact
   """
   streamed = counts.streamed > 0
   return LayerEvent(
-      layer=layer, tokens=tokens, dense_bytes=facts.dense_bytes[layer], expert_bytes=facts.expert_bytes[layer],
-      hits=counts.prefetch_hits if streamed else counts.resident_hits,
-      demand_loads=counts.demand_loads,
-      prefetch_loads=0 if streamed else counts.prefetched,
-      prefetch_used=0 if streamed else counts.prefetch_hits,
-      cpu_experts=counts.cpu_experts, substituted=counts.substituted, layerwise_loads=counts.streamed,
-      predictor_bytes=facts.predictor_bytes[layer] if scheduled else 0,
-      predictor=facts.predictor[layer] if scheduled else "",
-      split=facts.split if scheduled else "",
-      gpu_pairs=counts.pairs - counts.pairs_cpu, demand_pairs=counts.pairs_demand, cpu_pairs=counts.pairs_cpu,
-      measured=measured,
+    layer=layer,
+    tokens=tokens,
+    dense_bytes=facts.dense_bytes[layer],
+    expert_bytes=facts.expert_bytes[layer],
+    hits=counts.prefetch_hits if streamed else counts.resident_hits,
+    demand_loads=counts.demand_loads,
+    prefetch_loads=0 if streamed else counts.prefetched,
+    prefetch_used=0 if streamed else counts.prefetch_hits,
+    cpu_experts=counts.cpu_experts,
+    substituted=counts.substituted,
+    layerwise_loads=counts.streamed,
+    predictor_bytes=facts.predictor_bytes[layer] if scheduled else 0,
+    predictor=facts.predictor[layer] if scheduled else "",
+    split=facts.split if scheduled else "",
+    gpu_pairs=counts.pairs - counts.pairs_cpu,
+    demand_pairs=counts.pairs_demand,
+    cpu_pairs=counts.pairs_cpu,
+    measured=measured,
   )
 
 
@@ -158,16 +166,24 @@ class RunStats:
     self.totals = {"prefill": zeros, "decode": zeros}
     self.times: dict[str, dict[str, float]] = {"prefill": {}, "decode": {}}
 
-  def record_step(self, step: StepSummary, counters: LayerCounters, routing: dict[int, LayerRouting] | None = None,
-                  measured: dict | None = None) -> None:
+  def record_step(
+    self,
+    step: StepSummary,
+    counters: LayerCounters,
+    routing: dict[int, LayerRouting] | None = None,
+    measured: dict | None = None,
+  ) -> None:
     """Adds one step: `counters` with `[L_moe]` host arrays (MoE layers in order); `routing` when recorded;
     `measured`: seconds per stage name, keyed by decoder layer (None: embedding and head)."""
     kind, tokens = step.kind, step.tokens
     measured = measured or {}
     moe_ids = self.config.moe_layer_ids
-    self.totals[kind] = LayerCounters(*(
-        total + np.bincount(moe_ids, weights=np.asarray(c, np.int64), minlength=self.config.num_layers)
-        .astype(np.int64) for total, c in zip(self.totals[kind], counters)))
+    self.totals[kind] = LayerCounters(
+      *(
+        total + np.bincount(moe_ids, weights=np.asarray(c, np.int64), minlength=self.config.num_layers).astype(np.int64)
+        for total, c in zip(self.totals[kind], counters)
+      )
+    )
     events = []
     per_moe = {l: LayerCounters(*(int(c[j]) for c in counters)) for j, l in enumerate(moe_ids)}
     for l in range(self.config.num_layers):
@@ -175,18 +191,27 @@ class RunStats:
       if l in per_moe:
         events.append(layer_event(l, tokens, per_moe[l], self.facts, step.scheduled, times))
       else:
-        events.append(LayerEvent(layer=l, tokens=tokens, dense_bytes=self.facts.dense_bytes[l], expert_bytes=0,
-                                 measured=times))
+        events.append(
+          LayerEvent(layer=l, tokens=tokens, dense_bytes=self.facts.dense_bytes[l], expert_bytes=0, measured=times)
+        )
     for stages in measured.values():
       for name, seconds in stages.items():
         self.times[kind][name] = self.times[kind].get(name, 0.0) + seconds
     if routing is not None:
       self.routing.append(routing)
     self.step_s[kind].append(step.wall_s)
-    self.trace.append(StepTrace(
-        step=len(self.trace), tokens=tokens, kind=kind, layers=tuple(events), head_bytes=self.facts.head_bytes,
-        wall_s=step.wall_s, dtype_bytes=self.dtype_bytes, hidden_size=self.config.hidden_size,
-    ))
+    self.trace.append(
+      StepTrace(
+        step=len(self.trace),
+        tokens=tokens,
+        kind=kind,
+        layers=tuple(events),
+        head_bytes=self.facts.head_bytes,
+        wall_s=step.wall_s,
+        dtype_bytes=self.dtype_bytes,
+        hidden_size=self.config.hidden_size,
+      )
+    )
 
   def record_decode_start(self, resident) -> None:
     """Marks that the next recorded step starts a decode whose slots hold `resident` (see `decode_starts`)."""
@@ -220,28 +245,32 @@ class RunStats:
     hits = t.pairs_resident + t.pairs_prefetch
     pairs_low = t.pairs - t.pairs_top
     return {
-        "tpot_s": float(np.mean(steady)) if steady else float("nan"),
-        "ttft_s": float(self.step_s["prefill"][0]) if self.step_s["prefill"] else float("nan"),
-        "decode_steps": len(decode),
-        "pairs": t.pairs,
-        "pair_classes": {"resident": t.pairs_resident, "prefetch": t.pairs_prefetch, "demand": t.pairs_demand,
-                         "cpu": t.pairs_cpu},
-        "hit_ratio": ratio(hits, t.pairs),
-        "cache_hit_ratio": ratio(t.pairs_resident, t.pairs),
-        "hit_ratio_top": ratio(t.pairs_top_hit, t.pairs_top),
-        "hit_ratio_low": ratio(hits - t.pairs_top_hit, pairs_low),
-        "substitution_rate": ratio(t.substituted, t.pairs),
-        "bytes_to_device": sum(per_layer["bytes_to_device"]),
-        "prefetch_bytes": sum(per_layer["prefetch_bytes"]),
-        "wasted_prefetch_bytes": sum(per_layer["wasted_prefetch_bytes"]),
-        "prefill_bytes_to_device": sum(self.per_layer("prefill")["bytes_to_device"]),
-        "cpu_experts": t.cpu_experts,
-        "cpu_pairs": t.pairs_cpu,
-        "demand_loads": t.demand_loads,
-        "prefetch_loads": t.prefetched,
-        "prefetch_hits": t.prefetch_hits,
-        "prefetch_accuracy_top": ratio(t.prefetched_top, t.prefetched),
-        "prefetch_accuracy_selected": ratio(t.prefetched_selected, t.prefetched),
-        "times_s": dict(self.times["decode"]),
-        "per_layer": per_layer,
+      "tpot_s": float(np.mean(steady)) if steady else float("nan"),
+      "ttft_s": float(self.step_s["prefill"][0]) if self.step_s["prefill"] else float("nan"),
+      "decode_steps": len(decode),
+      "pairs": t.pairs,
+      "pair_classes": {
+        "resident": t.pairs_resident,
+        "prefetch": t.pairs_prefetch,
+        "demand": t.pairs_demand,
+        "cpu": t.pairs_cpu,
+      },
+      "hit_ratio": ratio(hits, t.pairs),
+      "cache_hit_ratio": ratio(t.pairs_resident, t.pairs),
+      "hit_ratio_top": ratio(t.pairs_top_hit, t.pairs_top),
+      "hit_ratio_low": ratio(hits - t.pairs_top_hit, pairs_low),
+      "substitution_rate": ratio(t.substituted, t.pairs),
+      "bytes_to_device": sum(per_layer["bytes_to_device"]),
+      "prefetch_bytes": sum(per_layer["prefetch_bytes"]),
+      "wasted_prefetch_bytes": sum(per_layer["wasted_prefetch_bytes"]),
+      "prefill_bytes_to_device": sum(self.per_layer("prefill")["bytes_to_device"]),
+      "cpu_experts": t.cpu_experts,
+      "cpu_pairs": t.pairs_cpu,
+      "demand_loads": t.demand_loads,
+      "prefetch_loads": t.prefetched,
+      "prefetch_hits": t.prefetch_hits,
+      "prefetch_accuracy_top": ratio(t.prefetched_top, t.prefetched),
+      "prefetch_accuracy_selected": ratio(t.prefetched_selected, t.prefetched),
+      "times_s": dict(self.times["decode"]),
+      "per_layer": per_layer,
     }

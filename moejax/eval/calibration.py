@@ -66,12 +66,19 @@ def routed_experts(model: Model, input_ids, new_tokens: int) -> dict[int, np.nda
   """
   engine = Engine(model, policy="layerwise", record_routing=True)
   result = engine.generate(np.asarray(input_ids, np.int32), new_tokens)
-  return {l: np.concatenate([step[l].experts for step in result.routing if l in step])
-          for l in model.config.moe_layer_ids}
+  return {
+    l: np.concatenate([step[l].experts for step in result.routing if l in step]) for l in model.config.moe_layer_ids
+  }
 
 
-def build_similarity(model: Model, source: str, *, calibration_ids=None, new_tokens: int = 0,
-                     routing: Mapping[int, np.ndarray] | None = None) -> np.ndarray:
+def build_similarity(
+  model: Model,
+  source: str,
+  *,
+  calibration_ids=None,
+  new_tokens: int = 0,
+  routing: Mapping[int, np.ndarray] | None = None,
+) -> np.ndarray:
   """`[L, E, E]` similarity of the named source, L = number of MoE layers (in layer order).
 
   Args:

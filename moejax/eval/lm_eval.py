@@ -42,15 +42,33 @@ from moejax.scheduling.similarity import load_similarity
 
 # model_args understood by `MoejaxLM.from_options`, with the type each is parsed to.
 ENGINE_OPTIONS = {
-    "policy": str, "alpha": float, "cache_slots": int, "cache_bytes": int, "cache_fraction": float, "window": int,
-    "substitute_weight": str, "cache_prior_strength": float, "policy_in_prefill": bool,
-    "profile": bool, "record_routing": bool, "costs": str,
+  "policy": str,
+  "alpha": float,
+  "cache_slots": int,
+  "cache_bytes": int,
+  "cache_fraction": float,
+  "window": int,
+  "substitute_weight": str,
+  "cache_prior_strength": float,
+  "policy_in_prefill": bool,
+  "profile": bool,
+  "record_routing": bool,
+  "costs": str,
 }
 ADAPTER_OPTIONS = {
-    "pretrained": str, "tokenizer": str, "dtype": str, "similarity": str, "batch_size": int, "max_length": int,
-    "max_gen_toks": int, "add_bos_token": bool, "length_bucket": int, "reset_cache": bool,
-    # Passed by lm-eval to every model; JAX places arrays on its default device.
-    "device": str, "max_batch_size": int,
+  "pretrained": str,
+  "tokenizer": str,
+  "dtype": str,
+  "similarity": str,
+  "batch_size": int,
+  "max_length": int,
+  "max_gen_toks": int,
+  "add_bos_token": bool,
+  "length_bucket": int,
+  "reset_cache": bool,
+  # Passed by lm-eval to every model; JAX places arrays on its default device.
+  "device": str,
+  "max_batch_size": int,
 }
 # gen_kwargs `generate_until` understands. Decoding is greedy: sampling (do_sample, or a temperature > 0 without
 # do_sample: false) is refused; top_p / top_k only shape sampling, so greedy decoding ignores them (as transformers).
@@ -101,15 +119,25 @@ class MoejaxLM(LM):
   `stats()` summarises them.
   """
 
-  def __init__(self, engine: Engine, tokenizer, *, batch_size: int = 1, max_length: int | None = None,
-               max_gen_toks: int = 256, add_bos_token: bool = False, length_bucket: int = 32,
-               reset_cache: bool = False):
+  def __init__(
+    self,
+    engine: Engine,
+    tokenizer,
+    *,
+    batch_size: int = 1,
+    max_length: int | None = None,
+    max_gen_toks: int = 256,
+    add_bos_token: bool = False,
+    length_bucket: int = 32,
+    reset_cache: bool = False,
+  ):
     super().__init__()
     self.engine = engine
     self.tokenizer = tokenizer
     self.batch_size = validation.count(batch_size, name="batch_size", minimum=1)
-    self.max_length = validation.count(max_length or engine.config.max_position_embeddings, name="max_length",
-                                       minimum=1)
+    self.max_length = validation.count(
+      max_length or engine.config.max_position_embeddings, name="max_length", minimum=1
+    )
     self.max_gen_toks = validation.count(max_gen_toks, name="max_gen_toks")
     self.add_bos_token = add_bos_token
     self.length_bucket = validation.count(length_bucket, name="length_bucket", minimum=1)
@@ -133,8 +161,11 @@ class MoejaxLM(LM):
     if opts.get("similarity"):
       engine_kw["similarity"] = load_similarity(opts["similarity"])[0]
     engine = Engine.from_pretrained(opts["pretrained"], dtype=opts.get("dtype"), **engine_kw)
-    adapter_kw = {k: opts[k] for k in ("batch_size", "max_length", "max_gen_toks", "add_bos_token", "length_bucket",
-                                       "reset_cache") if opts.get(k) is not None}
+    adapter_kw = {
+      k: opts[k]
+      for k in ("batch_size", "max_length", "max_gen_toks", "add_bos_token", "length_bucket", "reset_cache")
+      if opts.get(k) is not None
+    }
     return cls(engine, load_tokenizer(opts["pretrained"], opts.get("tokenizer")), **adapter_kw)
 
   @classmethod
@@ -172,13 +203,20 @@ class MoejaxLM(LM):
       context, continuation = context[:-spaces], context[-spaces:] + continuation
     ctx = self._encode(context, context=True)
     whole = self._encode(context + continuation, context=True)
-    return ctx or [self.prefix_token], whole[len(ctx):]
+    return ctx or [self.prefix_token], whole[len(ctx) :]
 
   def _score(self, pairs, desc: str) -> list[tuple[float, bool]]:
     with tqdm(total=len(pairs), desc=desc, disable=not pairs) as bar:
-      return scoring.score_pairs(self.engine, pairs, max_length=self.max_length, batch_size=self.batch_size,
-                                 length_bucket=self.length_bucket, reset_cache=self.reset_cache,
-                                 run_stats=self.run_stats, progress=bar)
+      return scoring.score_pairs(
+        self.engine,
+        pairs,
+        max_length=self.max_length,
+        batch_size=self.batch_size,
+        length_bucket=self.length_bucket,
+        reset_cache=self.reset_cache,
+        run_stats=self.run_stats,
+        progress=bar,
+      )
 
   # --------------------------------------------------------------------------
   # lm-eval requests
@@ -197,8 +235,9 @@ class MoejaxLM(LM):
     pairs, owner = [], []
     for i, req in enumerate(requests):
       (text,) = _request_args(req, i, (str,))
-      windows = scoring.rolling_windows(self._encode(text, context=False), self.prefix_token, self.max_length,
-                                        context=1)
+      windows = scoring.rolling_windows(
+        self._encode(text, context=False), self.prefix_token, self.max_length, context=1
+      )
       pairs += windows
       owner += [i] * len(windows)
     totals = np.zeros(len(requests))
@@ -236,8 +275,10 @@ class MoejaxLM(LM):
     temperature, _ = validation.sampling_options(kwargs.get("temperature", 0.0), 1.0)
     do_sample = kwargs.get("do_sample")
     if do_sample or (do_sample is None and temperature > 0):
-      raise ValueError(f"gen_kwargs ask for sampling (do_sample={do_sample}, temperature={temperature}); moejax's "
-                       "generate_until decodes greedily: set do_sample: false in the task's gen_kwargs.")
+      raise ValueError(
+        f"gen_kwargs ask for sampling (do_sample={do_sample}, temperature={temperature}); moejax's "
+        "generate_until decodes greedily: set do_sample: false in the task's gen_kwargs."
+      )
     until = kwargs.get("until") or []
     until = [until] if isinstance(until, str) else until
     if not isinstance(until, (list, tuple)) or not all(isinstance(s, str) for s in until):
@@ -254,15 +295,21 @@ class MoejaxLM(LM):
     """One batch: greedy decode until every row has a stop string; returns the texts cut before it."""
     if self.reset_cache:
       self.engine.reset()
-    contexts = [c[-(self.max_length - max_new):] for c in contexts]
+    contexts = [c[-(self.max_length - max_new) :] for c in contexts]
     t = scoring.round_up(max(map(len, contexts)), self.length_bucket)
     ids, mask = scoring.pad_rows(contexts, t, left=True)
 
     def done(tokens: np.ndarray) -> bool:
       return all(any(s in self.tokenizer.decode(row) for s in until) for row in tokens)
 
-    out = self.engine.generate(ids, max_new, mask, stop=done, run_stats=self.run_stats,
-                               cache_length=scoring.round_up(t + max_new, self.length_bucket))
+    out = self.engine.generate(
+      ids,
+      max_new,
+      mask,
+      stop=done,
+      run_stats=self.run_stats,
+      cache_length=scoring.round_up(t + max_new, self.length_bucket),
+    )
     texts = []
     for row in out.tokens[:, t:]:
       text = self.tokenizer.decode(row, skip_special_tokens=False)
@@ -278,6 +325,8 @@ def _request_args(request, index: int, kinds: tuple[type, ...]) -> tuple:
   if not isinstance(args, tuple) or len(args) != len(kinds) or not all(map(isinstance, args, kinds)):
     got = tuple(type(a).__name__ for a in args) if isinstance(args, tuple) else type(args).__name__
     want = tuple(k.__name__ for k in kinds)
-    raise ValueError(f"requests[{index}].args must be of types {want}, got {got}; check the task's doc_to_text, "
-                     "doc_to_target and gen_kwargs.")
+    raise ValueError(
+      f"requests[{index}].args must be of types {want}, got {got}; check the task's doc_to_text, "
+      "doc_to_target and gen_kwargs."
+    )
   return args

@@ -44,35 +44,43 @@ class Perplexity:
 
 
 def token_perplexity(
-    engine: Engine,
-    tokens: Sequence[int],
-    *,
-    prefix_token: int,
-    window: int,
-    context: int = 1,
-    batch_size: int = 1,
-    mode: str = "decode",
-    length_bucket: int = 32,
-    desc: str = "perplexity",
+  engine: Engine,
+  tokens: Sequence[int],
+  *,
+  prefix_token: int,
+  window: int,
+  context: int = 1,
+  batch_size: int = 1,
+  mode: str = "decode",
+  length_bucket: int = 32,
+  desc: str = "perplexity",
 ) -> Perplexity:
   """Perplexity of a token stream over rolling windows (see the module docstring)."""
   pairs = scoring.rolling_windows(tokens, prefix_token, window, context)
   run = engine.new_run_stats()
   with tqdm(total=len(pairs), desc=desc, unit="window") as bar:
-    scores = scoring.score_pairs(engine, pairs, max_length=window, batch_size=batch_size, mode=mode,
-                                 length_bucket=length_bucket, run_stats=run, progress=bar)
+    scores = scoring.score_pairs(
+      engine,
+      pairs,
+      max_length=window,
+      batch_size=batch_size,
+      mode=mode,
+      length_bucket=length_bucket,
+      run_stats=run,
+      progress=bar,
+    )
   nll = -sum(logp for logp, _ in scores)
   n = sum(len(pred) for _, pred in pairs)
   return Perplexity(nll=nll, tokens=n, perplexity=math.exp(nll / n) if n else float("nan"), stats=run.summary())
 
 
 def file_perplexity(
-    engine: Engine,
-    tokenizer,
-    path: str | os.PathLike,
-    *,
-    max_tokens: int | None = None,
-    **kwargs,
+  engine: Engine,
+  tokenizer,
+  path: str | os.PathLike,
+  *,
+  max_tokens: int | None = None,
+  **kwargs,
 ) -> Perplexity:
   """Perplexity of a UTF-8 text file, tokenized as one stream (first `max_tokens` tokens if given).
 
@@ -80,5 +88,6 @@ def file_perplexity(
   """
   tokens = file_tokens(tokenizer, path)
   tokens = tokens[:max_tokens] if max_tokens else tokens
-  return token_perplexity(engine, tokens, prefix_token=prefix_token_id(tokenizer),
-                          desc=f"perplexity {os.path.basename(path)}", **kwargs)
+  return token_perplexity(
+    engine, tokens, prefix_token=prefix_token_id(tokenizer), desc=f"perplexity {os.path.basename(path)}", **kwargs
+  )

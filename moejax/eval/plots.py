@@ -43,7 +43,7 @@ def accuracy_vs_alpha(rows: Sequence[Row], path: str) -> str:
   cols = min(4, len(metrics))
   rows_n = -(-len(metrics) // cols)
   fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3.2 * rows_n), squeeze=False)
-  for ax in axes.flat[len(metrics):]:
+  for ax in axes.flat[len(metrics) :]:
     ax.set_visible(False)
   for ax, metric in zip(axes.flat, metrics):
     for policy, rs in _by_policy(rows).items():
@@ -62,8 +62,11 @@ def tpot_vs_alpha(rows: Sequence[Row], path: str, profile: str | None = None) ->
   for ax, source in zip(axes[0], sources):
     for policy, rs in _by_policy(rows).items():
       ax.plot([r["point"]["alpha"] for r in rs], [tpot_of(r, source) * 1e3 for r in rs], marker="o", label=policy)
-    ax.set(xlabel="alpha", ylabel="TPOT (ms)",
-           title="measured (this machine)" if source == "measured" else f"estimate: {source}")
+    ax.set(
+      xlabel="alpha",
+      ylabel="TPOT (ms)",
+      title="measured (this machine)" if source == "measured" else f"estimate: {source}",
+    )
   axes[0][0].legend()
   return _save(fig, path)
 
@@ -75,8 +78,10 @@ def hit_ratio_by_policy(rows: Sequence[Row], path: str) -> str:
   width = 0.8 / len(alphas)
   fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(groups)), 3.2))
   for j, alpha in enumerate(alphas):
-    ratios = [next((r["result"]["speed"]["measured"]["hit_ratio"] for r in rs if r["point"]["alpha"] == alpha),
-                   np.nan) for rs in groups.values()]
+    ratios = [
+      next((r["result"]["speed"]["measured"]["hit_ratio"] for r in rs if r["point"]["alpha"] == alpha), np.nan)
+      for rs in groups.values()
+    ]
     ax.bar(np.arange(len(groups)) + j * width, ratios, width, label=f"alpha={alpha:g}")
   ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, list(groups))
   ax.set(ylabel="hit ratio", ylim=(0, 1))

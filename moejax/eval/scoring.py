@@ -43,7 +43,7 @@ def truncate(context: Sequence[int], continuation: Sequence[int], max_length: in
   keeps its last max_length tokens. `context` must not be empty.
   """
   n = min(len(continuation), max_length)
-  whole = (list(context) + list(continuation))[-(max_length + 1):]
+  whole = (list(context) + list(continuation))[-(max_length + 1) :]
   return whole[:-n], whole[-n:]
 
 
@@ -59,8 +59,10 @@ def rolling_windows(tokens: Sequence[int], prefix_token: int, window: int, conte
   """
   if not 1 <= context < window:
     raise ValueError(f"need 1 <= context < window, got context={context}, window={window}.")
-  return [lm_eval_utils.make_disjoint_window(w)
-          for w in lm_eval_utils.get_rolling_token_windows(list(tokens), prefix_token, window, context)]
+  return [
+    lm_eval_utils.make_disjoint_window(w)
+    for w in lm_eval_utils.get_rolling_token_windows(list(tokens), prefix_token, window, context)
+  ]
 
 
 def pad_rows(seqs: Sequence[Sequence[int]], length: int, *, left: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -80,16 +82,16 @@ def length_batches(lengths: Sequence[tuple[int, ...]], batch_size: int) -> list[
 
 
 def score_pairs(
-    engine: Engine,
-    pairs: Sequence[Pair],
-    *,
-    max_length: int,
-    batch_size: int = 1,
-    mode: str = "decode",
-    length_bucket: int = 32,
-    reset_cache: bool = False,
-    run_stats: RunStats | None = None,
-    progress=None,
+  engine: Engine,
+  pairs: Sequence[Pair],
+  *,
+  max_length: int,
+  batch_size: int = 1,
+  mode: str = "decode",
+  length_bucket: int = 32,
+  reset_cache: bool = False,
+  run_stats: RunStats | None = None,
+  progress=None,
 ) -> list[tuple[float, bool]]:
   """Log-likelihood of each continuation given its context.
 
@@ -130,8 +132,15 @@ def score_pairs(
       t = round_up(max(len(c) for c in ctxs), length_bucket)
       ids, mask = pad_rows(ctxs, t, left=True)
       forced, forced_mask = pad_rows(conts, n, left=False)
-      out = engine.generate(ids, n, mask, forced_tokens=forced, forced_mask=forced_mask, run_stats=run_stats,
-                            cache_length=round_up(t + n, length_bucket))
+      out = engine.generate(
+        ids,
+        n,
+        mask,
+        forced_tokens=forced,
+        forced_mask=forced_mask,
+        run_stats=run_stats,
+        cache_length=round_up(t + n, length_bucket),
+      )
       logp, greedy, keep = out.logprobs, out.greedy, forced_mask
     else:
       seqs = [list(ctx) + list(cont) for ctx, cont in zip(ctxs, conts)]

@@ -22,10 +22,26 @@ from moejax.sim.oracle import routing_bounds
 
 # Headline statistics kept from `RunStats.summary` (decode steps unless named otherwise).
 HEADLINE = (
-    "tpot_s", "decode_steps", "pairs", "pair_classes", "hit_ratio", "cache_hit_ratio", "hit_ratio_top",
-    "hit_ratio_low", "substitution_rate", "bytes_to_device", "prefetch_bytes", "wasted_prefetch_bytes",
-    "prefill_bytes_to_device", "cpu_experts", "cpu_pairs", "demand_loads", "prefetch_loads", "prefetch_hits",
-    "prefetch_accuracy_top", "prefetch_accuracy_selected",
+  "tpot_s",
+  "decode_steps",
+  "pairs",
+  "pair_classes",
+  "hit_ratio",
+  "cache_hit_ratio",
+  "hit_ratio_top",
+  "hit_ratio_low",
+  "substitution_rate",
+  "bytes_to_device",
+  "prefetch_bytes",
+  "wasted_prefetch_bytes",
+  "prefill_bytes_to_device",
+  "cpu_experts",
+  "cpu_pairs",
+  "demand_loads",
+  "prefetch_loads",
+  "prefetch_hits",
+  "prefetch_accuracy_top",
+  "prefetch_accuracy_selected",
 )
 
 
@@ -33,8 +49,10 @@ def text_windows(tokenizer, path: str, num: int, length: int) -> np.ndarray:
   """`[num, length]` token windows: consecutive chunks of a UTF-8 text file."""
   tokens = file_tokens(tokenizer, path)
   if len(tokens) < num * length:
-    raise ValueError(f"{path} has {len(tokens)} tokens, fewer than num_prompts * (prompt_len + new_tokens) = "
-                     f"{num * length}; use a longer text or fewer / shorter windows.")
+    raise ValueError(
+      f"{path} has {len(tokens)} tokens, fewer than num_prompts * (prompt_len + new_tokens) = "
+      f"{num * length}; use a longer text or fewer / shorter windows."
+    )
   return np.asarray(tokens[: num * length], np.int32).reshape(num, length)
 
 
@@ -67,16 +85,19 @@ def routing_figures(run: RunStats, engine: Engine) -> dict[str, float]:
         if prev is not None:
           reused += len(experts & set(np.unique(prev[l].experts).tolist()))
           computed += len(experts)
-  out = {"distinct_experts": float(np.mean([len(v) for v in distinct.values()])),
-         "reuse_rate": reused / computed if computed else float("nan")}
+  out = {
+    "distinct_experts": float(np.mean([len(v) for v in distinct.values()])),
+    "reuse_rate": reused / computed if computed else float("nan"),
+  }
   hits = {"belady_hit_ratio": 0.0, "substitution_bound_hit_ratio": 0.0}
   pairs = 0
   slots = engine.num_slots if engine.spec.cache and not engine.spec.layerwise else 0
   for steps, resident in segments:
     if not steps:
       continue
-    bounds = routing_bounds(steps, slots, num_experts=engine.config.num_experts, scope=engine.options.cache_scope,
-                            initial=resident)
+    bounds = routing_bounds(
+      steps, slots, num_experts=engine.config.num_experts, scope=engine.options.cache_scope, initial=resident
+    )
     pairs += bounds["pairs"]
     for key in hits:
       hits[key] += bounds[key] * bounds["pairs"]
@@ -84,14 +105,14 @@ def routing_figures(run: RunStats, engine: Engine) -> dict[str, float]:
 
 
 def measure_decode(
-    engine: Engine,
-    windows: np.ndarray,
-    prompt_len: int,
-    *,
-    batch: int = 1,
-    profiles: Sequence[str] = (),
-    target_dtype_bytes: int | None = None,
-    warmup: bool = True,
+  engine: Engine,
+  windows: np.ndarray,
+  prompt_len: int,
+  *,
+  batch: int = 1,
+  profiles: Sequence[str] = (),
+  target_dtype_bytes: int | None = None,
+  warmup: bool = True,
 ) -> dict[str, Any]:
   """Prefills `prompt_len` tokens of each window and feeds the rest through the decode path (teacher forcing).
 
@@ -125,8 +146,13 @@ def measure_decode(
       run = engine.new_run_stats()
     for i in range(0, len(windows) if rows is None else rows, batch):
       w = windows[i : i + batch]
-      engine.generate(w[:, :prompt_len], w.shape[1] - prompt_len, forced_tokens=w[:, prompt_len:], run_stats=run,
-                      forward_only=forward_only)
+      engine.generate(
+        w[:, :prompt_len],
+        w.shape[1] - prompt_len,
+        forced_tokens=w[:, prompt_len:],
+        run_stats=run,
+        forward_only=forward_only,
+      )
     return run
 
   if warmup:
@@ -149,6 +175,10 @@ def measure_decode(
   estimate = {}
   for name in profiles:
     est = estimate_tpot(run.trace, name, target_dtype_bytes=target_dtype_bytes)
-    estimate[name] = {"label": est.label, "tpot_s": est.tpot_s, "ttft_s": est.ttft_s,
-                      "decode_tokens_per_s": est.decode_tokens_per_s}
+    estimate[name] = {
+      "label": est.label,
+      "tpot_s": est.tpot_s,
+      "ttft_s": est.ttft_s,
+      "decode_tokens_per_s": est.decode_tokens_per_s,
+    }
   return {"measured": measured, "estimate": estimate, "trace": run.trace}

@@ -66,7 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = moejax.default_model_path()  # HF checkpoint directory (default: the shipped model)
   c.tokenizer = ""  # default: the checkpoint's own
   c.dtype = "float32"
-  c.engine = ml_collections.ConfigDict({
+  c.engine = ml_collections.ConfigDict(
+    {
       # At most one of: slots per MoE layer, a fraction of each layer's experts, a byte budget for all layers.
       "cache_slots": config_dict.placeholder(int),
       "cache_fraction": config_dict.placeholder(float),
@@ -79,8 +80,10 @@ def base_config() -> ml_collections.ConfigDict:
       # Load/CPU split costs (moejax.engine.costs): a profile name or "LOAD_S,CPU_S" keeps rows repeatable;
       # "calibrate" measures this machine (wall clock, so a re-run may split differently).
       "costs": costs.DEFAULT_FIXED,
-  })
-  c.speed = ml_collections.ConfigDict({
+    }
+  )
+  c.speed = ml_collections.ConfigDict(
+    {
       "prompt_file": PARAGRAPHS_PATH,
       "num_prompts": 4,
       "prompt_len": 32,
@@ -88,8 +91,10 @@ def base_config() -> ml_collections.ConfigDict:
       "batch": 1,
       "profiles": tuple(sorted(PROFILES)),
       "target_dtype_bytes": 2,  # estimate fp16 weights on the edge GPUs, as the paper runs them
-  })
-  c.accuracy = ml_collections.ConfigDict({
+    }
+  )
+  c.accuracy = ml_collections.ConfigDict(
+    {
       "tasks": ("moejax_simple",),  # lm-eval task / tag names; () for none
       "limit": config_dict.placeholder(int),
       "batch_size": 4,
@@ -99,7 +104,8 @@ def base_config() -> ml_collections.ConfigDict:
       "perplexity_context": 32,
       "perplexity_max_tokens": config_dict.placeholder(int),
       "perplexity_mode": "decode",
-  })
+    }
+  )
   return c
 
 
@@ -107,12 +113,14 @@ def sweep_config() -> ml_collections.ConfigDict:
   """A setup (`base_config`) plus how its points run: `backend` and its `ray` options."""
   c = base_config()
   c.backend = "local"  # "local": this process, point after point; "ray": points fan out over a Ray cluster
-  c.ray = ml_collections.ConfigDict({
+  c.ray = ml_collections.ConfigDict(
+    {
       "address": "",  # "": start a local Ray instance; "auto": the cluster `ray start` joined; or "HOST:PORT"
       "num_cpus_per_point": 1.0,  # resources each worker (one point at a time) holds
       "num_gpus_per_point": 0.0,
       "max_retries": 2,  # tries after the first before a point is recorded as failed
-  })
+    }
+  )
   return c
 
 
@@ -177,14 +185,25 @@ def check_config(cfg) -> None:
     if field in cfg:
       for alpha in values:
         if not (_is_real(alpha) and alpha >= 0):
-          raise fail(field, f"alpha {alpha!r} is not a number >= 0; alpha = 0 computes the model exactly, "
-                     "larger alphas substitute more.")
+          raise fail(
+            field,
+            f"alpha {alpha!r} is not a number >= 0; alpha = 0 computes the model exactly, "
+            "larger alphas substitute more.",
+          )
 
   cache = ["engine.cache_slots", "engine.cache_fraction", "engine.cache_bytes", "engine.cache_scope"]
   for scope in cfg.get("scopes", ()) or [cfg.engine.cache_scope or "layer"]:
-    library_check(cache + ["scopes"] * ("scopes" in cfg), lambda: resolve_cache_slots(
-        config, cache_slots=cfg.engine.cache_slots, cache_fraction=cfg.engine.cache_fraction,
-        cache_bytes=cfg.engine.cache_bytes, dtype_bytes=dtype.itemsize, scope=scope))
+    library_check(
+      cache + ["scopes"] * ("scopes" in cfg),
+      lambda: resolve_cache_slots(
+        config,
+        cache_slots=cfg.engine.cache_slots,
+        cache_fraction=cfg.engine.cache_fraction,
+        cache_bytes=cfg.engine.cache_bytes,
+        dtype_bytes=dtype.itemsize,
+        scope=scope,
+      ),
+    )
   library_check(["engine.costs"], lambda: costs.resolve_costs(cfg.engine.costs, config))
   count("engine.window", 1)
   if cfg.engine.substitute_weight not in SUBSTITUTE_WEIGHTS:
@@ -192,8 +211,7 @@ def check_config(cfg) -> None:
   existing_file("engine.similarity")
 
   existing_file("speed.prompt_file", optional=False)
-  for field in ("speed.num_prompts", "speed.prompt_len", "speed.new_tokens", "speed.batch",
-                "speed.target_dtype_bytes"):
+  for field in ("speed.num_prompts", "speed.prompt_len", "speed.new_tokens", "speed.batch", "speed.target_dtype_bytes"):
     count(field, 1)
   for name in cfg.speed.profiles:
     library_check(["speed.profiles"], functools.partial(get_profile, name))
@@ -206,8 +224,10 @@ def check_config(cfg) -> None:
     count("accuracy.perplexity_window", 2)
     count("accuracy.perplexity_context", 1)
     if cfg.accuracy.perplexity_context >= cfg.accuracy.perplexity_window:
-      raise fail("accuracy.perplexity_context", f"use fewer tokens than --config.accuracy.perplexity_window="
-                 f"{cfg.accuracy.perplexity_window}.")
+      raise fail(
+        "accuracy.perplexity_context",
+        f"use fewer tokens than --config.accuracy.perplexity_window={cfg.accuracy.perplexity_window}.",
+      )
     if cfg.accuracy.perplexity_mode not in SCORING_MODES:
       raise fail("accuracy.perplexity_mode", f"use one of {SCORING_MODES}.")
 
@@ -246,10 +266,17 @@ def load_setup(cfg) -> tuple[moejax.Model, Any]:
 
 def measure_speed(engine: Engine, tokenizer, speed_cfg) -> dict[str, Any]:
   """`speed.measure_decode` on windows of the config's prompt file: each prompt's continuation is teacher-forced."""
-  windows = speed.text_windows(tokenizer, speed_cfg.prompt_file, speed_cfg.num_prompts,
-                               speed_cfg.prompt_len + speed_cfg.new_tokens)
-  return speed.measure_decode(engine, windows, speed_cfg.prompt_len, batch=speed_cfg.batch,
-                              profiles=tuple(speed_cfg.profiles), target_dtype_bytes=speed_cfg.target_dtype_bytes)
+  windows = speed.text_windows(
+    tokenizer, speed_cfg.prompt_file, speed_cfg.num_prompts, speed_cfg.prompt_len + speed_cfg.new_tokens
+  )
+  return speed.measure_decode(
+    engine,
+    windows,
+    speed_cfg.prompt_len,
+    batch=speed_cfg.batch,
+    profiles=tuple(speed_cfg.profiles),
+    target_dtype_bytes=speed_cfg.target_dtype_bytes,
+  )
 
 
 def measure_accuracy(engine: Engine, tokenizer, acc) -> dict[str, Any]:
@@ -262,19 +289,39 @@ def measure_accuracy(engine: Engine, tokenizer, acc) -> dict[str, Any]:
   if acc.tasks:
     engine.reset()
     lm = MoejaxLM(engine, tokenizer, batch_size=acc.batch_size, max_length=acc.max_length)
-    results = simple_evaluate(model=lm, tasks=list(acc.tasks), limit=acc.limit, task_manager=task_manager(),
-                              bootstrap_iters=0, log_samples=False)
-    out["tasks"] = {task: {k: v for k, v in metrics.items() if "," in k and "_stderr" not in k}
-                    for task, metrics in results["results"].items()}
+    results = simple_evaluate(
+      model=lm,
+      tasks=list(acc.tasks),
+      limit=acc.limit,
+      task_manager=task_manager(),
+      bootstrap_iters=0,
+      log_samples=False,
+    )
+    out["tasks"] = {
+      task: {k: v for k, v in metrics.items() if "," in k and "_stderr" not in k}
+      for task, metrics in results["results"].items()
+    }
     stats = lm.stats()
     out["engine"] = {k: stats[k] for k in ("hit_ratio", "substitution_rate", "decode_steps")}
   if acc.perplexity_file:
     engine.reset()
-    ppl = perplexity.file_perplexity(engine, tokenizer, acc.perplexity_file, window=acc.perplexity_window,
-                                     context=acc.perplexity_context, batch_size=acc.batch_size,
-                                     mode=acc.perplexity_mode, max_tokens=acc.perplexity_max_tokens)
-    out["perplexity"] = {"perplexity": ppl.perplexity, "nll": ppl.nll, "tokens": ppl.tokens,
-                         "hit_ratio": ppl.stats["hit_ratio"], "substitution_rate": ppl.stats["substitution_rate"]}
+    ppl = perplexity.file_perplexity(
+      engine,
+      tokenizer,
+      acc.perplexity_file,
+      window=acc.perplexity_window,
+      context=acc.perplexity_context,
+      batch_size=acc.batch_size,
+      mode=acc.perplexity_mode,
+      max_tokens=acc.perplexity_max_tokens,
+    )
+    out["perplexity"] = {
+      "perplexity": ppl.perplexity,
+      "nll": ppl.nll,
+      "tokens": ppl.tokens,
+      "hit_ratio": ppl.stats["hit_ratio"],
+      "substitution_rate": ppl.stats["substitution_rate"],
+    }
   return out
 
 
@@ -351,8 +398,10 @@ class ResultsFile:
     data, lines = _read_lines(self.path)
     for _, row in lines:
       if row is not None and row["setup"] != self.setup:
-        raise ValueError(f"{self.path} holds results of a different setup; write this one to another file "
-                         f"(--config.out=...) or restore the setup.\nfile: {row['setup']}\nnow:  {self.setup}")
+        raise ValueError(
+          f"{self.path} holds results of a different setup; write this one to another file "
+          f"(--config.out=...) or restore the setup.\nfile: {row['setup']}\nnow:  {self.setup}"
+        )
     bad = [line for line, row in lines if row is None]
     if bad or (data and not data.endswith(b"\n")):
       self._set_aside(bad, [line for line, row in lines if row is not None])
@@ -363,8 +412,13 @@ class ResultsFile:
     """Appends `bad` lines to the .corrupt file, then atomically rewrites the file as the `good` lines."""
     if bad:
       _write_durably(self.corrupt_path, b"".join(line + b"\n" for line in bad), "ab")
-      logging.warning("%s: %d line(s) that are not complete rows (the last one cut short by a crash?) moved to "
-                      "%s; their points run again.", self.path, len(bad), self.corrupt_path)
+      logging.warning(
+        "%s: %d line(s) that are not complete rows (the last one cut short by a crash?) moved to "
+        "%s; their points run again.",
+        self.path,
+        len(bad),
+        self.corrupt_path,
+      )
     tmp = self.path + ".tmp"
     _write_durably(tmp, b"".join(line + b"\n" for line in good), "wb")
     os.replace(tmp, self.path)
@@ -393,8 +447,12 @@ class ResultsFile:
     return row
 
 
-def run_points(path: str | os.PathLike, setup: Mapping[str, Any], points: Sequence[Mapping[str, Any]],
-               evaluate: Callable[[Mapping[str, Any]], Mapping[str, Any]]) -> list[dict[str, Any]]:
+def run_points(
+  path: str | os.PathLike,
+  setup: Mapping[str, Any],
+  points: Sequence[Mapping[str, Any]],
+  evaluate: Callable[[Mapping[str, Any]], Mapping[str, Any]],
+) -> list[dict[str, Any]]:
   """Evaluates the points not yet in `path`, appending each as it finishes; returns every row of the file."""
   results = ResultsFile(path, setup)
   todo = [p for p in points if not results.done(p)]
@@ -405,8 +463,9 @@ def run_points(path: str | os.PathLike, setup: Mapping[str, Any], points: Sequen
   return results.rows
 
 
-def sweep(cfg, points: Sequence[Mapping[str, Any]], evaluate: Callable[..., Mapping[str, Any]] | None = None
-          ) -> list[dict[str, Any]]:
+def sweep(
+  cfg, points: Sequence[Mapping[str, Any]], evaluate: Callable[..., Mapping[str, Any]] | None = None
+) -> list[dict[str, Any]]:
   """Runs each unfinished point into `cfg.out` on `cfg.backend`; returns the rows with a result.
 
   Args:
@@ -444,8 +503,12 @@ def tpot_of(row: Mapping[str, Any], source: str = "measured") -> float:
 def accuracy_metrics(row: Mapping[str, Any]) -> dict[str, float]:
   """Flat {"task/metric": value} of a row's lm-eval metrics and perplexity."""
   acc = row["result"]["accuracy"]
-  out = {f"{task}/{metric}": value for task, metrics in acc.get("tasks", {}).items()
-         for metric, value in metrics.items() if isinstance(value, (int, float))}
+  out = {
+    f"{task}/{metric}": value
+    for task, metrics in acc.get("tasks", {}).items()
+    for metric, value in metrics.items()
+    if isinstance(value, (int, float))
+  }
   if "perplexity" in acc:
     out["perplexity"] = acc["perplexity"]["perplexity"]
   return out
@@ -457,6 +520,8 @@ def summary_table(rows: Sequence[Mapping[str, Any]]) -> str:
   for row in rows:
     m = row["result"]["speed"]["measured"]
     acc = ", ".join(f"{k}={v:.4g}" for k, v in sorted(accuracy_metrics(row).items()))
-    lines.append(f"{row['point']['policy']:10s} {row['point']['alpha']:6.3f} {m['tpot_s'] * 1e3:8.2f} "
-                 f"{m['ttft_s'] * 1e3:8.2f} {m['hit_ratio']:6.3f} {m['substitution_rate']:6.3f}  {acc}")
+    lines.append(
+      f"{row['point']['policy']:10s} {row['point']['alpha']:6.3f} {m['tpot_s'] * 1e3:8.2f} "
+      f"{m['ttft_s'] * 1e3:8.2f} {m['hit_ratio']:6.3f} {m['substitution_rate']:6.3f}  {acc}"
+    )
   return "\n".join(lines)

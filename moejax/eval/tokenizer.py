@@ -17,8 +17,8 @@ def load_tokenizer(pretrained: str | os.PathLike, tokenizer: str | os.PathLike |
   if tokenizer is None:
     if not any(os.path.exists(os.path.join(pretrained, f)) for f in _TOKENIZER_FILES):
       raise ValueError(
-          f"{pretrained} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); pass tokenizer=PATH, "
-          "a directory (or hub name) holding the model's HF tokenizer."
+        f"{pretrained} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); pass tokenizer=PATH, "
+        "a directory (or hub name) holding the model's HF tokenizer."
       )
     tokenizer = pretrained
   return transformers.AutoTokenizer.from_pretrained(os.fspath(tokenizer))

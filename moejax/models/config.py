@@ -19,7 +19,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 
 
 class UnsupportedModelError(ValueError):
-    """Raised for a checkpoint whose `model_type` moejax cannot run."""
+  """Raised for a checkpoint whose `model_type` moejax cannot run."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,25 +79,23 @@ class MoEConfig:
 
   def __post_init__(self):
     if len(self.moe_layers) != self.num_layers:
-      raise ValueError(
-          f"moe_layers has {len(self.moe_layers)} entries, expected num_layers={self.num_layers}"
-      )
+      raise ValueError(f"moe_layers has {len(self.moe_layers)} entries, expected num_layers={self.num_layers}")
     if len(self.sliding_windows) != self.num_layers:
       raise ValueError(
-          f"sliding_windows has {len(self.sliding_windows)} entries, expected num_layers={self.num_layers}"
+        f"sliding_windows has {len(self.sliding_windows)} entries, expected num_layers={self.num_layers}"
       )
     if self.topk_method in ("group_limited_greedy", "noaux_tc") and self.num_experts:
       if self.num_experts % self.n_group:
         raise ValueError(f"n_group={self.n_group} does not divide num_experts={self.num_experts}.")
       if self.topk_group * (self.num_experts // self.n_group) < self.num_experts_per_tok:
         raise ValueError(
-            f"topk_group={self.topk_group} of n_group={self.n_group} groups leave fewer than "
-            f"num_experts_per_tok={self.num_experts_per_tok} experts to choose from."
+          f"topk_group={self.topk_group} of n_group={self.n_group} groups leave fewer than "
+          f"num_experts_per_tok={self.num_experts_per_tok} experts to choose from."
         )
     rope_type = (self.rope_scaling_dict or {}).get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE_TYPES:
       raise UnsupportedModelError(
-          f"Unsupported rope_type {rope_type!r}; moejax supports: {', '.join(SUPPORTED_ROPE_TYPES)}."
+        f"Unsupported rope_type {rope_type!r}; moejax supports: {', '.join(SUPPORTED_ROPE_TYPES)}."
       )
 
   @property
@@ -132,8 +130,8 @@ def load_hf_config_dict(path: str | os.PathLike) -> dict[str, Any]:
   config_path = os.path.join(path, "config.json") if os.path.isdir(path) else path
   if not os.path.isfile(config_path):
     raise FileNotFoundError(
-        f"No config.json in {path!r}: pass the directory of a HuggingFace checkpoint "
-        "(the folder holding config.json and *.safetensors)."
+      f"No config.json in {path!r}: pass the directory of a HuggingFace checkpoint "
+      "(the folder holding config.json and *.safetensors)."
     )
   with open(config_path) as f:
     try:
@@ -186,20 +184,20 @@ def _common(d: Mapping[str, Any], model_type: str, **overrides) -> dict[str, Any
   theta, scaling = _rope(d)
   num_layers = d["num_hidden_layers"]
   fields = dict(
-      model_type=model_type,
-      vocab_size=d["vocab_size"],
-      hidden_size=hidden,
-      num_layers=num_layers,
-      num_heads=num_heads,
-      num_kv_heads=d.get("num_key_value_heads") or num_heads,
-      head_dim=d.get("head_dim") or hidden // num_heads,
-      rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-      tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-      hidden_act=d.get("hidden_act", "silu"),
-      rope_theta=theta,
-      rope_scaling=scaling,
-      max_position_embeddings=d.get("max_position_embeddings") or 4096,
-      sliding_windows=_windows(d, num_layers),
+    model_type=model_type,
+    vocab_size=d["vocab_size"],
+    hidden_size=hidden,
+    num_layers=num_layers,
+    num_heads=num_heads,
+    num_kv_heads=d.get("num_key_value_heads") or num_heads,
+    head_dim=d.get("head_dim") or hidden // num_heads,
+    rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+    tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+    hidden_act=d.get("hidden_act", "silu"),
+    rope_theta=theta,
+    rope_scaling=scaling,
+    max_position_embeddings=d.get("max_position_embeddings") or 4096,
+    sliding_windows=_windows(d, num_layers),
   )
   fields.update(overrides)
   return fields
@@ -210,9 +208,7 @@ def _qwen_moe_layers(d: Mapping[str, Any]) -> tuple[bool, ...]:
   mlp_only = set(d.get("mlp_only_layers") or ())
   step = d.get("decoder_sparse_step", 1) or 1
   n_exp = d.get("num_experts", 0)
-  return tuple(
-      i not in mlp_only and n_exp > 0 and (i + 1) % step == 0 for i in range(d["num_hidden_layers"])
-  )
+  return tuple(i not in mlp_only and n_exp > 0 and (i + 1) % step == 0 for i in range(d["num_hidden_layers"]))
 
 
 def _deepseek_moe_layers(d: Mapping[str, Any], honour_freq: bool) -> tuple[bool, ...]:
@@ -230,55 +226,55 @@ def _deepseek_moe_layers(d: Mapping[str, Any], honour_freq: bool) -> tuple[bool,
 
 def _from_qwen2_moe(d):
   return MoEConfig(
-      **_common(d, "qwen2_moe"),
-      attention_bias=bool(d.get("qkv_bias", True)),
-      moe_layers=_qwen_moe_layers(d),
-      intermediate_size=d["intermediate_size"],
-      moe_intermediate_size=d["moe_intermediate_size"],
-      num_experts=d["num_experts"],
-      num_experts_per_tok=d["num_experts_per_tok"],
-      shared_intermediate_size=d.get("shared_expert_intermediate_size", 0) or 0,
-      shared_expert_gate=True,
-      norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+    **_common(d, "qwen2_moe"),
+    attention_bias=bool(d.get("qkv_bias", True)),
+    moe_layers=_qwen_moe_layers(d),
+    intermediate_size=d["intermediate_size"],
+    moe_intermediate_size=d["moe_intermediate_size"],
+    num_experts=d["num_experts"],
+    num_experts_per_tok=d["num_experts_per_tok"],
+    shared_intermediate_size=d.get("shared_expert_intermediate_size", 0) or 0,
+    shared_expert_gate=True,
+    norm_topk_prob=bool(d.get("norm_topk_prob", False)),
   )
 
 
 def _from_qwen3_moe(d):
   return MoEConfig(
-      **_common(d, "qwen3_moe"),
-      attention_bias=bool(d.get("attention_bias", False)),
-      qk_norm="head",
-      moe_layers=_qwen_moe_layers(d),
-      intermediate_size=d["intermediate_size"],
-      moe_intermediate_size=d["moe_intermediate_size"],
-      num_experts=d["num_experts"],
-      num_experts_per_tok=d["num_experts_per_tok"],
-      norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+    **_common(d, "qwen3_moe"),
+    attention_bias=bool(d.get("attention_bias", False)),
+    qk_norm="head",
+    moe_layers=_qwen_moe_layers(d),
+    intermediate_size=d["intermediate_size"],
+    moe_intermediate_size=d["moe_intermediate_size"],
+    num_experts=d["num_experts"],
+    num_experts_per_tok=d["num_experts_per_tok"],
+    norm_topk_prob=bool(d.get("norm_topk_prob", True)),
   )
 
 
 def _from_mixtral(d):
   return MoEConfig(
-      **_common(d, "mixtral"),
-      moe_layers=(True,) * d["num_hidden_layers"],
-      moe_intermediate_size=d["intermediate_size"],
-      num_experts=d["num_local_experts"],
-      num_experts_per_tok=d["num_experts_per_tok"],
-      norm_topk_prob=True,
+    **_common(d, "mixtral"),
+    moe_layers=(True,) * d["num_hidden_layers"],
+    moe_intermediate_size=d["intermediate_size"],
+    num_experts=d["num_local_experts"],
+    num_experts_per_tok=d["num_experts_per_tok"],
+    norm_topk_prob=True,
   )
 
 
 def _from_olmoe(d):
   return MoEConfig(
-      **_common(d, "olmoe"),
-      attention_bias=bool(d.get("attention_bias", False)),
-      qk_norm="full",
-      clip_qkv=d.get("clip_qkv"),
-      moe_layers=(True,) * d["num_hidden_layers"],
-      moe_intermediate_size=d["intermediate_size"],
-      num_experts=d["num_experts"],
-      num_experts_per_tok=d["num_experts_per_tok"],
-      norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+    **_common(d, "olmoe"),
+    attention_bias=bool(d.get("attention_bias", False)),
+    qk_norm="full",
+    clip_qkv=d.get("clip_qkv"),
+    moe_layers=(True,) * d["num_hidden_layers"],
+    moe_intermediate_size=d["intermediate_size"],
+    num_experts=d["num_experts"],
+    num_experts_per_tok=d["num_experts_per_tok"],
+    norm_topk_prob=bool(d.get("norm_topk_prob", False)),
   )
 
 
@@ -290,29 +286,29 @@ def _mla_fields(d) -> dict[str, Any]:
   """
   nope, rope = d["qk_nope_head_dim"], d["qk_rope_head_dim"]
   return dict(
-      head_dim=nope + rope,
-      num_kv_heads=d["num_attention_heads"],
-      attention_type="mla",
-      attention_bias=bool(d.get("attention_bias", False)),
-      q_lora_rank=d.get("q_lora_rank"),
-      kv_lora_rank=d["kv_lora_rank"],
-      qk_nope_head_dim=nope,
-      qk_rope_head_dim=rope,
-      v_head_dim=d["v_head_dim"],
+    head_dim=nope + rope,
+    num_kv_heads=d["num_attention_heads"],
+    attention_type="mla",
+    attention_bias=bool(d.get("attention_bias", False)),
+    q_lora_rank=d.get("q_lora_rank"),
+    kv_lora_rank=d["kv_lora_rank"],
+    qk_nope_head_dim=nope,
+    qk_rope_head_dim=rope,
+    v_head_dim=d["v_head_dim"],
   )
 
 
 def _deepseek_v2_v3_ffn(d) -> dict[str, Any]:
   """Feed-forward layout shared by DeepSeek-V2 and V3: one shared MLP of n_shared * expert width."""
   return dict(
-      moe_layers=_deepseek_moe_layers(d, honour_freq=False),
-      intermediate_size=d["intermediate_size"],
-      moe_intermediate_size=d["moe_intermediate_size"],
-      num_experts=d["n_routed_experts"],
-      num_experts_per_tok=d["num_experts_per_tok"],
-      shared_intermediate_size=d["moe_intermediate_size"] * (d.get("n_shared_experts") or 0),
-      routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
-      router_fp32=True,
+    moe_layers=_deepseek_moe_layers(d, honour_freq=False),
+    intermediate_size=d["intermediate_size"],
+    moe_intermediate_size=d["moe_intermediate_size"],
+    num_experts=d["n_routed_experts"],
+    num_experts_per_tok=d["num_experts_per_tok"],
+    shared_intermediate_size=d["moe_intermediate_size"] * (d.get("n_shared_experts") or 0),
+    routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
+    router_fp32=True,
   )
 
 
@@ -327,13 +323,13 @@ def _from_deepseek_v2(d):
     raise UnsupportedModelError(f"DeepSeek-V2 topk_method {topk_method!r}; supported: greedy, group_limited_greedy.")
   grouped = topk_method == "group_limited_greedy"
   return MoEConfig(
-      **_common(d, "deepseek_v2", **_mla_fields(d)),
-      rope_interleave=True,
-      **_deepseek_v2_v3_ffn(d),
-      scoring_func="softmax",
-      topk_method=topk_method,
-      n_group=d["n_group"] if grouped else 1,
-      topk_group=d["topk_group"] if grouped else 1,
+    **_common(d, "deepseek_v2", **_mla_fields(d)),
+    rope_interleave=True,
+    **_deepseek_v2_v3_ffn(d),
+    scoring_func="softmax",
+    topk_method=topk_method,
+    n_group=d["n_group"] if grouped else 1,
+    topk_group=d["topk_group"] if grouped else 1,
   )
 
 
@@ -344,28 +340,45 @@ def _from_deepseek_v3(d):
   `topk_group` of None mean a single group.
   """
   return MoEConfig(
-      **_common(d, "deepseek_v3", **_mla_fields(d)),
-      rope_interleave=bool(d.get("rope_interleave", True)),
-      **_deepseek_v2_v3_ffn(d),
-      scoring_func="sigmoid",
-      topk_method="noaux_tc",
-      n_group=d.get("n_group") or 1,
-      topk_group=d.get("topk_group") or 1,
-      norm_topk_prob=bool(d.get("norm_topk_prob", True)),
-      router_bias=True,
+    **_common(d, "deepseek_v3", **_mla_fields(d)),
+    rope_interleave=bool(d.get("rope_interleave", True)),
+    **_deepseek_v2_v3_ffn(d),
+    scoring_func="sigmoid",
+    topk_method="noaux_tc",
+    n_group=d.get("n_group") or 1,
+    topk_group=d.get("topk_group") or 1,
+    norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+    router_bias=True,
   )
 
 
 # Defaults of the remote-code config classes (transformers does not ship these families).
 _DEEPSEEK_DEFAULTS = dict(
-    hidden_act="silu", max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0,
-    tie_word_embeddings=False, attention_bias=False, n_shared_experts=None, n_routed_experts=None,
-    num_experts_per_tok=None, first_k_dense_replace=0, moe_layer_freq=1, norm_topk_prob=False,
-    scoring_func="softmax", intermediate_size=11008, moe_intermediate_size=1407,
+  hidden_act="silu",
+  max_position_embeddings=2048,
+  rms_norm_eps=1e-6,
+  rope_theta=10000.0,
+  tie_word_embeddings=False,
+  attention_bias=False,
+  n_shared_experts=None,
+  n_routed_experts=None,
+  num_experts_per_tok=None,
+  first_k_dense_replace=0,
+  moe_layer_freq=1,
+  norm_topk_prob=False,
+  scoring_func="softmax",
+  intermediate_size=11008,
+  moe_intermediate_size=1407,
 )
 _XVERSE_DEFAULTS = dict(
-    hidden_act="silu", max_position_embeddings=8192, rms_norm_eps=1e-6, rope_theta=10000.0,
-    tie_word_embeddings=False, num_experts=None, num_shared_experts=None, norm_topk_prob=False,
+  hidden_act="silu",
+  max_position_embeddings=8192,
+  rms_norm_eps=1e-6,
+  rope_theta=10000.0,
+  tie_word_embeddings=False,
+  num_experts=None,
+  num_shared_experts=None,
+  norm_topk_prob=False,
 )
 
 
@@ -379,15 +392,15 @@ def _from_deepseek(d):
     raise UnsupportedModelError(f"DeepSeek-MoE scoring_func {d['scoring_func']!r}; only 'softmax' exists.")
   k = d["num_experts_per_tok"] or 0
   return MoEConfig(
-      **_common(d, "deepseek", head_dim=d["hidden_size"] // d["num_attention_heads"]),
-      attention_bias=bool(d["attention_bias"]),
-      moe_layers=_deepseek_moe_layers(d, honour_freq=True),
-      intermediate_size=d["intermediate_size"],
-      moe_intermediate_size=d["moe_intermediate_size"],
-      num_experts=d["n_routed_experts"] or 0,
-      num_experts_per_tok=k,
-      shared_intermediate_size=d["moe_intermediate_size"] * (d["n_shared_experts"] or 0),
-      norm_topk_prob=bool(d["norm_topk_prob"]) and k > 1,
+    **_common(d, "deepseek", head_dim=d["hidden_size"] // d["num_attention_heads"]),
+    attention_bias=bool(d["attention_bias"]),
+    moe_layers=_deepseek_moe_layers(d, honour_freq=True),
+    intermediate_size=d["intermediate_size"],
+    moe_intermediate_size=d["moe_intermediate_size"],
+    num_experts=d["n_routed_experts"] or 0,
+    num_experts_per_tok=k,
+    shared_intermediate_size=d["moe_intermediate_size"] * (d["n_shared_experts"] or 0),
+    norm_topk_prob=bool(d["norm_topk_prob"]) and k > 1,
   )
 
 
@@ -401,26 +414,26 @@ def _from_xverse(d):
   moe = d["num_experts"] is not None
   width = d["intermediate_size"]
   return MoEConfig(
-      **_common(d, "xverse", head_dim=d["hidden_size"] // d["num_attention_heads"]),
-      moe_layers=(moe,) * d["num_hidden_layers"],
-      intermediate_size=width,
-      moe_intermediate_size=width if moe else 0,
-      num_experts=d["num_experts"] or 0,
-      num_experts_per_tok=d["moe_top_k"] if moe else 0,
-      shared_intermediate_size=width * (d["num_shared_experts"] or 0) if moe else 0,
-      norm_topk_prob=bool(d["norm_topk_prob"]),
+    **_common(d, "xverse", head_dim=d["hidden_size"] // d["num_attention_heads"]),
+    moe_layers=(moe,) * d["num_hidden_layers"],
+    intermediate_size=width,
+    moe_intermediate_size=width if moe else 0,
+    num_experts=d["num_experts"] or 0,
+    num_experts_per_tok=d["moe_top_k"] if moe else 0,
+    shared_intermediate_size=width * (d["num_shared_experts"] or 0) if moe else 0,
+    norm_topk_prob=bool(d["norm_topk_prob"]),
   )
 
 
 _CONVERTERS = {
-    "qwen2_moe": _from_qwen2_moe,
-    "qwen3_moe": _from_qwen3_moe,
-    "mixtral": _from_mixtral,
-    "olmoe": _from_olmoe,
-    "deepseek_v2": _from_deepseek_v2,
-    "deepseek_v3": _from_deepseek_v3,
-    "deepseek": _from_deepseek,
-    "xverse": _from_xverse,
+  "qwen2_moe": _from_qwen2_moe,
+  "qwen3_moe": _from_qwen3_moe,
+  "mixtral": _from_mixtral,
+  "olmoe": _from_olmoe,
+  "deepseek_v2": _from_deepseek_v2,
+  "deepseek_v3": _from_deepseek_v3,
+  "deepseek": _from_deepseek,
+  "xverse": _from_xverse,
 }
 
 
@@ -482,7 +495,7 @@ def from_hf_config(d: Mapping[str, Any]) -> MoEConfig:
   model_type = d.get("model_type")
   if model_type not in _CONVERTERS:
     raise UnsupportedModelError(
-        f"Unsupported model_type {model_type!r}. moejax supports: {', '.join(sorted(_CONVERTERS))}."
+      f"Unsupported model_type {model_type!r}. moejax supports: {', '.join(sorted(_CONVERTERS))}."
     )
   try:
     return _CONVERTERS[model_type](_Fields(d))

@@ -19,13 +19,13 @@ from flax import nnx
 from moejax.models import moe
 from moejax.models.config import MoEConfig
 from moejax.models.layers import (
-    MLP,
-    Attention,
-    AttentionInputs,
-    KVCache,
-    Linear,
-    RMSNorm,
-    attention_inputs,
+  MLP,
+  Attention,
+  AttentionInputs,
+  KVCache,
+  Linear,
+  RMSNorm,
+  attention_inputs,
 )
 
 
@@ -110,18 +110,16 @@ class Decoder(nnx.Module):
     for layer in self.layers:
       (kh, dk), (vh, dv) = layer.attn.kv_shape()
       caches.append(
-          KVCache(
-              jnp.zeros((batch, max_len, kh, dk), dtype),
-              jnp.zeros((batch, max_len, vh, dv), dtype),
-              jnp.zeros((batch, max_len), bool),
-          )
+        KVCache(
+          jnp.zeros((batch, max_len, kh, dk), dtype),
+          jnp.zeros((batch, max_len, vh, dv), dtype),
+          jnp.zeros((batch, max_len), bool),
+        )
       )
     return caches
 
 
-def moe_layer_resident(
-    config: MoEConfig, layer: DecoderLayer, h: jax.Array, experts: moe.ExpertWeights
-) -> jax.Array:
+def moe_layer_resident(config: MoEConfig, layer: DecoderLayer, h: jax.Array, experts: moe.ExpertWeights) -> jax.Array:
   """MoE half of a layer with every routed expert available: h `[B, T, D]`."""
   x = layer.ffn_input(h)
   scores = layer.router_scores(x)
@@ -131,13 +129,13 @@ def moe_layer_resident(
 
 
 def forward(
-    decoder: Decoder,
-    experts: Sequence[moe.ExpertWeights | None],
-    ids: jax.Array,
-    positions: jax.Array,
-    token_valid: jax.Array,
-    index,
-    caches: Sequence[KVCache],
+  decoder: Decoder,
+  experts: Sequence[moe.ExpertWeights | None],
+  ids: jax.Array,
+  positions: jax.Array,
+  token_valid: jax.Array,
+  index,
+  caches: Sequence[KVCache],
 ) -> tuple[jax.Array, list[KVCache]]:
   """Fully resident forward of T tokens per sequence, writing caches at `index`.
 

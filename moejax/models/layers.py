@@ -17,11 +17,11 @@ from flax import nnx
 from moejax.models.config import MoEConfig
 
 ACTIVATIONS = {
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
+  "silu": jax.nn.silu,
+  "swish": jax.nn.silu,
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "relu": jax.nn.relu,
 }
 
 
@@ -57,8 +57,8 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
   if math.prod(x.shape[:-1]) != 1:
     return jnp.matmul(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
   parts = [
-      jnp.matmul(x[..., s : s + _ROW_CHUNK], w[:, s : s + _ROW_CHUNK].T, preferred_element_type=jnp.float32)
-      for s in range(0, d_in, _ROW_CHUNK)
+    jnp.matmul(x[..., s : s + _ROW_CHUNK], w[:, s : s + _ROW_CHUNK].T, preferred_element_type=jnp.float32)
+    for s in range(0, d_in, _ROW_CHUNK)
   ]
   return sum(jax.lax.optimization_barrier(parts)).astype(x.dtype)
 

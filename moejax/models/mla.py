@@ -23,15 +23,15 @@ from flax import nnx
 
 from moejax.models.config import MoEConfig
 from moejax.models.layers import (
-    AttentionInputs,
-    KVCache,
-    Linear,
-    RMSNorm,
-    apply_rope,
-    attention_mask,
-    dot_product_attention,
-    update_cache,
-    yarn_get_mscale,
+  AttentionInputs,
+  KVCache,
+  Linear,
+  RMSNorm,
+  apply_rope,
+  attention_mask,
+  dot_product_attention,
+  update_cache,
+  yarn_get_mscale,
 )
 
 # transformers builds q_a_layernorm and kv_a_layernorm with the default eps, not rms_norm_eps.

@@ -69,8 +69,10 @@ def _greedy(graphdef, length, state, experts, logits, caches, positions, index, 
 def _programs():
   """The jitted (forward, greedy) pair, compiled with `compile.compiler_options()` of the default backend."""
   options = compiler_options()
-  return (jax.jit(_forward, static_argnums=0, donate_argnums=(6,), compiler_options=options),
-          jax.jit(_greedy, static_argnums=(0, 1), donate_argnums=(5,), compiler_options=options))
+  return (
+    jax.jit(_forward, static_argnums=0, donate_argnums=(6,), compiler_options=options),
+    jax.jit(_greedy, static_argnums=(0, 1), donate_argnums=(5,), compiler_options=options),
+  )
 
 
 class Model:
@@ -96,8 +98,11 @@ class Model:
     """Routed experts in device memory: host-resident ones are copied, device arrays returned as they are."""
 
     def on_device(a):  # device_put to a memory space copies even an array already there
-      return a if isinstance(a, jax.Array) and a.sharding.memory_kind == "device" else jax.device_put(
-          a, jax.memory.Space.Device)
+      return (
+        a
+        if isinstance(a, jax.Array) and a.sharding.memory_kind == "device"
+        else jax.device_put(a, jax.memory.Space.Device)
+      )
 
     return [None if w is None else ExpertWeights(*(on_device(a) for a in w)) for w in self.experts]
 
@@ -111,8 +116,9 @@ class Model:
     tokens are one contiguous run, left or right padded (`moejax.validation`).
     Logits at padding positions are meaningless.
     """
-    ids, mask = validation.prompt_batch(input_ids, attention_mask, vocab_size=self.config.vocab_size,
-                                        right_padding=True)
+    ids, mask = validation.prompt_batch(
+      input_ids, attention_mask, vocab_size=self.config.vocab_size, right_padding=True
+    )
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
     caches = self.init_caches(ids.shape[0], ids.shape[1])
     forward, _ = _programs()
@@ -147,6 +153,15 @@ class Model:
     if max_new_tokens <= 0:
       return prompt
     # Bucketed output length: the decode loop compiles once for many max_new_tokens.
-    new, _ = greedy(self.graphdef, bucket(max_new_tokens), self.state, experts, logits[:, -1:], caches,
-                    positions[:, -1:] + 1, t, max_new_tokens)
+    new, _ = greedy(
+      self.graphdef,
+      bucket(max_new_tokens),
+      self.state,
+      experts,
+      logits[:, -1:],
+      caches,
+      positions[:, -1:] + 1,
+      t,
+      max_new_tokens,
+    )
     return np.concatenate([prompt, np.asarray(new)[:, :max_new_tokens]], axis=1)

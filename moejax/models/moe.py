@@ -122,7 +122,7 @@ _PAIRWISE_MAX = 64
 
 
 def routed_experts(
-    x: jax.Array, weights: ExpertWeights, slots: jax.Array, mix: jax.Array, act: str = "silu"
+  x: jax.Array, weights: ExpertWeights, slots: jax.Array, mix: jax.Array, act: str = "silu"
 ) -> jax.Array:
   """Weighted sum of routed experts, reading weights from slot buffers.
 
@@ -148,7 +148,7 @@ def routed_experts(
 
 
 def pairwise_experts(
-    x: jax.Array, weights: ExpertWeights, slots: jax.Array, mix: jax.Array, act: str = "silu"
+  x: jax.Array, weights: ExpertWeights, slots: jax.Array, mix: jax.Array, act: str = "silu"
 ) -> jax.Array:
   """`routed_experts` one pair at a time (the decode path): a loop of one-row products over the pairs.
 
@@ -158,7 +158,8 @@ def pairwise_experts(
   """
   n, k = slots.shape
   flat_slots, token, flat_mix = jax.lax.sort(
-      (slots.reshape(-1), jnp.arange(n * k, dtype=jnp.int32) // k, mix.reshape(-1).astype(jnp.float32)), num_keys=1)
+    (slots.reshape(-1), jnp.arange(n * k, dtype=jnp.int32) // k, mix.reshape(-1).astype(jnp.float32)), num_keys=1
+  )
 
   def add_one(p, out):
     g, u, d = expert(weights, flat_slots[p])

@@ -20,7 +20,7 @@ def _on_host(x, store, pairs, mix, act):
 
 
 def host_experts(
-    x: jax.Array, store: ExpertWeights, experts: jax.Array, mix: jax.Array, on_cpu: jax.Array, act: str
+  x: jax.Array, store: ExpertWeights, experts: jax.Array, mix: jax.Array, on_cpu: jax.Array, act: str
 ) -> jax.Array:
   """Weighted outputs of the (token, expert) pairs marked `on_cpu`, computed on the host.
 

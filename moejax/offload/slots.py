@@ -38,11 +38,17 @@ def fill_slots(buffers: ExpertWeights, source: ExpertWeights, experts: jax.Array
     e, s = experts[i], slots[i]
 
     def copy(bufs):
-      return ExpertWeights(*(
+      return ExpertWeights(
+        *(
           jax.lax.dynamic_update_index_in_dim(
-              b, _as_slot(jax.device_put(jax.lax.dynamic_index_in_dim(w, e, keepdims=True), jax.memory.Space.Device)),
-              s, 0)
-          for b, w in zip(bufs, source)))
+            b,
+            _as_slot(jax.device_put(jax.lax.dynamic_index_in_dim(w, e, keepdims=True), jax.memory.Space.Device)),
+            s,
+            0,
+          )
+          for b, w in zip(bufs, source)
+        )
+      )
 
     return jax.lax.cond(e >= 0, copy, lambda b: b, bufs)
 
@@ -64,7 +70,7 @@ def empty_slots(config: MoEConfig, num_slots: int, dtype, device=None) -> Expert
   dtype = jnp.uint16 if jnp.dtype(dtype) == jnp.bfloat16 else dtype
   with jax.default_device(device or jax.devices()[0]):
     return ExpertWeights(
-        jnp.zeros((num_slots, f, d), dtype), jnp.zeros((num_slots, f, d), dtype), jnp.zeros((num_slots, d, f), dtype)
+      jnp.zeros((num_slots, f, d), dtype), jnp.zeros((num_slots, f, d), dtype), jnp.zeros((num_slots, d, f), dtype)
     )
 
 
@@ -72,13 +78,13 @@ CACHE_SCOPES = ("layer", "global")
 
 
 def resolve_cache_slots(
-    config: MoEConfig,
-    *,
-    cache_slots: int | None = None,
-    cache_bytes: int | None = None,
-    cache_fraction: float | None = None,
-    dtype_bytes: int = 4,
-    scope: str = "layer",
+  config: MoEConfig,
+  *,
+  cache_slots: int | None = None,
+  cache_bytes: int | None = None,
+  cache_fraction: float | None = None,
+  dtype_bytes: int = 4,
+  scope: str = "layer",
 ) -> int:
   """Slots of one set from exactly one of: a slot count, a total byte budget, a fraction of experts.
 

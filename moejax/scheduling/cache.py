@@ -144,15 +144,9 @@ def init_cache_state(
   else:
     ids = np.asarray(initial_experts)
     placed = ids[ids >= 0]
-    if (
-      ids.shape != (num_slots,)
-      or np.any(ids >= keys)
-      or np.any(ids < -1)
-      or len(np.unique(placed)) != len(placed)
-    ):
+    if ids.shape != (num_slots,) or np.any(ids >= keys) or np.any(ids < -1) or len(np.unique(placed)) != len(placed):
       raise ValueError(
-        f"initial_experts must be {num_slots} distinct expert keys in "
-        f"[0, {keys}) or -1 for an empty slot (got {ids})."
+        f"initial_experts must be {num_slots} distinct expert keys in [0, {keys}) or -1 for an empty slot (got {ids})."
       )
     slot_expert = jnp.asarray(ids, jnp.int32)
   expert_slot = _expert_slot_table(slot_expert, keys)

@@ -7,6 +7,13 @@ from moejax.train.tokenizer import train_bpe_tokenizer
 from moejax.train.trainer import train
 
 __all__ = [
-    "export_hf", "forward", "init_params", "load_balancing_loss", "loss_fn", "make_optimizer", "qwen2_moe_config",
-    "train", "train_bpe_tokenizer",
+  "export_hf",
+  "forward",
+  "init_params",
+  "load_balancing_loss",
+  "loss_fn",
+  "make_optimizer",
+  "qwen2_moe_config",
+  "train",
+  "train_bpe_tokenizer",
 ]

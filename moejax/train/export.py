@@ -29,49 +29,49 @@ _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
 def qwen2_moe_config(
-    *,
-    vocab_size: int,
-    hidden_size: int,
-    num_layers: int,
-    num_heads: int,
-    num_kv_heads: int,
-    moe_intermediate_size: int,
-    num_experts: int,
-    num_experts_per_tok: int,
-    shared_expert_intermediate_size: int,
-    norm_topk_prob: bool = False,
-    max_position_embeddings: int = 2048,
-    rope_theta: float = 10000.0,
-    rms_norm_eps: float = 1e-6,
-    eos_token_id: int = 0,
-    dtype: str = "float32",
+  *,
+  vocab_size: int,
+  hidden_size: int,
+  num_layers: int,
+  num_heads: int,
+  num_kv_heads: int,
+  moe_intermediate_size: int,
+  num_experts: int,
+  num_experts_per_tok: int,
+  shared_expert_intermediate_size: int,
+  norm_topk_prob: bool = False,
+  max_position_embeddings: int = 2048,
+  rope_theta: float = 10000.0,
+  rms_norm_eps: float = 1e-6,
+  eos_token_id: int = 0,
+  dtype: str = "float32",
 ) -> dict[str, Any]:
   """A Qwen2-MoE `config.json` dictionary: every layer MoE with a sigmoid-gated shared expert."""
   config = transformers.Qwen2MoeConfig(
-      architectures=["Qwen2MoeForCausalLM"],
-      vocab_size=vocab_size,
-      hidden_size=hidden_size,
-      num_hidden_layers=num_layers,
-      num_attention_heads=num_heads,
-      num_key_value_heads=num_kv_heads,
-      intermediate_size=shared_expert_intermediate_size,  # dense-MLP width; no layer is dense
-      moe_intermediate_size=moe_intermediate_size,
-      shared_expert_intermediate_size=shared_expert_intermediate_size,
-      num_experts=num_experts,
-      num_experts_per_tok=num_experts_per_tok,
-      norm_topk_prob=norm_topk_prob,
-      decoder_sparse_step=1,
-      mlp_only_layers=[],
-      max_position_embeddings=max_position_embeddings,
-      rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
-      rms_norm_eps=rms_norm_eps,
-      tie_word_embeddings=False,
-      qkv_bias=True,
-      use_sliding_window=False,
-      bos_token_id=eos_token_id,
-      eos_token_id=eos_token_id,
-      pad_token_id=eos_token_id,
-      dtype=dtype,
+    architectures=["Qwen2MoeForCausalLM"],
+    vocab_size=vocab_size,
+    hidden_size=hidden_size,
+    num_hidden_layers=num_layers,
+    num_attention_heads=num_heads,
+    num_key_value_heads=num_kv_heads,
+    intermediate_size=shared_expert_intermediate_size,  # dense-MLP width; no layer is dense
+    moe_intermediate_size=moe_intermediate_size,
+    shared_expert_intermediate_size=shared_expert_intermediate_size,
+    num_experts=num_experts,
+    num_experts_per_tok=num_experts_per_tok,
+    norm_topk_prob=norm_topk_prob,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+    max_position_embeddings=max_position_embeddings,
+    rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+    rms_norm_eps=rms_norm_eps,
+    tie_word_embeddings=False,
+    qkv_bias=True,
+    use_sliding_window=False,
+    bos_token_id=eos_token_id,
+    eos_token_id=eos_token_id,
+    pad_token_id=eos_token_id,
+    dtype=dtype,
   )
   return config.to_dict()
 
@@ -83,7 +83,8 @@ def hf_tensors(config: MoEConfig, params: Mapping[str, Any], dtype: str = "float
   out = {}
   for path, var in nnx.to_flat_state(params["decoder"]):
     out[hf_key(path, layout, config.moe_layers[path[1]] if path[0] == "layers" else False)] = np.asarray(
-        var[...], np.float32)
+      var[...], np.float32
+    )
   g_name, u_name, d_name = layout.expert_proj
   for layer, w in enumerate(params["experts"]):
     if w is None:
@@ -103,8 +104,9 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], path: str) -> None:
   offset = 0
   for name, array in tensors.items():
     header[name] = {
-        "dtype": _SAFETENSORS_DTYPES[array.dtype], "shape": list(array.shape),
-        "data_offsets": [offset, offset + array.nbytes],
+      "dtype": _SAFETENSORS_DTYPES[array.dtype],
+      "shape": list(array.shape),
+      "data_offsets": [offset, offset + array.nbytes],
     }
     offset += array.nbytes
   raw = json.dumps(header, separators=(",", ":")).encode()
@@ -117,7 +119,7 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], path: str) -> None:
 
 
 def export_hf(
-    path: str, config_dict: Mapping[str, Any], params: Mapping[str, Any], tokenizer, dtype: str = "float32"
+  path: str, config_dict: Mapping[str, Any], params: Mapping[str, Any], tokenizer, dtype: str = "float32"
 ) -> None:
   """Writes a HuggingFace checkpoint directory that `moejax.load` and transformers load as it is.
 

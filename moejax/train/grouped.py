@@ -23,7 +23,7 @@ from moejax.models.moe import ExpertWeights
 
 
 def grouped_experts(
-    x: jax.Array, weights: ExpertWeights, experts: jax.Array, mix: jax.Array, act: str = "silu", block: int = 64
+  x: jax.Array, weights: ExpertWeights, experts: jax.Array, mix: jax.Array, act: str = "silu", block: int = 64
 ) -> jax.Array:
   """Weighted sum of each token's chosen experts.
 

@@ -59,16 +59,18 @@ def init_params(config: MoEConfig, key: jax.Array, std: float = 0.02) -> tuple[n
     if not config.moe_layers[layer]:
       experts.append(None)
       continue
-    experts.append(moe.ExpertWeights(
+    experts.append(
+      moe.ExpertWeights(
         std * jax.random.normal(next(keys), (e, f, d)),
         std * jax.random.normal(next(keys), (e, f, d)),
         std * jax.random.normal(next(keys), (e, d, f)),
-    ))
+      )
+    )
   return graphdef, {"decoder": nnx.from_flat_state(filled), "experts": experts}
 
 
 def forward(
-    decoder: Decoder, experts: list[moe.ExpertWeights | None], ids: jax.Array, block: int = 64
+  decoder: Decoder, experts: list[moe.ExpertWeights | None], ids: jax.Array, block: int = 64
 ) -> tuple[jax.Array, list[Routing]]:
   """Causal forward of unpadded sequences ids `[B, T]` (positions 0..T-1).
 
@@ -105,7 +107,7 @@ def load_balancing_loss(routing: Routing, num_experts: int) -> jax.Array:
 
 
 def loss_fn(
-    graphdef: nnx.GraphDef, params: Params, batch: jax.Array, *, aux_coef: float, block: int = 64
+  graphdef: nnx.GraphDef, params: Params, batch: jax.Array, *, aux_coef: float, block: int = 64
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Next-token cross-entropy plus `aux_coef` times the mean load-balancing loss.
 

@@ -31,13 +31,17 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> transformers.P
   tok.decoder = decoders.ByteLevel()
   tok.post_processor = processors.ByteLevel(trim_offsets=False)
   trainer = trainers.BpeTrainer(
-      vocab_size=vocab_size,
-      special_tokens=[EOS],
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-      show_progress=False,
+    vocab_size=vocab_size,
+    special_tokens=[EOS],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
   )
   tok.train_from_iterator(texts, trainer=trainer)
   return transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS, unk_token=None,
-      clean_up_tokenization_spaces=False,
+    tokenizer_object=tok,
+    eos_token=EOS,
+    bos_token=EOS,
+    pad_token=EOS,
+    unk_token=None,
+    clean_up_tokenization_spaces=False,
   )

@@ -42,13 +42,19 @@ def model_config(cfg, eos_token_id: int) -> tuple[dict[str, Any], MoEConfig]:
 def make_optimizer_from(cfg) -> optax.GradientTransformation:
   o = cfg.optim
   return make_optimizer(
-      peak_lr=o.peak_lr, warmup_steps=o.warmup_steps, total_steps=cfg.total_steps, end_lr_fraction=o.end_lr_fraction,
-      weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, clip_norm=o.clip_norm,
+    peak_lr=o.peak_lr,
+    warmup_steps=o.warmup_steps,
+    total_steps=cfg.total_steps,
+    end_lr_fraction=o.end_lr_fraction,
+    weight_decay=o.weight_decay,
+    b1=o.b1,
+    b2=o.b2,
+    clip_norm=o.clip_norm,
   )
 
 
 def init_train_state(
-    config: MoEConfig, optimizer: optax.GradientTransformation, seed: int
+  config: MoEConfig, optimizer: optax.GradientTransformation, seed: int
 ) -> tuple[nnx.GraphDef, TrainState]:
   """(decoder graphdef, fresh train state at step 0)."""
   graphdef, params = init_params(config, jax.random.PRNGKey(seed))
@@ -143,10 +149,16 @@ def train(cfg, workdir: str) -> tuple[TrainState, list[dict[str, float]]]:
     history.append(metrics)
     done = step + 1
     if done % cfg.log_every == 0 or done == cfg.total_steps:
-      _log(workdir, {
-          "step": done, "epoch": done / batches.steps_per_epoch, **metrics,
-          "elapsed_s": round(float(state["elapsed_s"]), 1), "tokens": done * tokens,
-      })
+      _log(
+        workdir,
+        {
+          "step": done,
+          "epoch": done / batches.steps_per_epoch,
+          **metrics,
+          "elapsed_s": round(float(state["elapsed_s"]), 1),
+          "tokens": done * tokens,
+        },
+      )
     if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.total_steps):
       nll = heldout_nll(graphdef, state["params"], heldout, cfg.batch_size, cfg.expert_block)
       _log(workdir, {"step": done, "heldout_nll": nll, "heldout_ppl": float(np.exp(nll))})
@@ -159,11 +171,15 @@ def train(cfg, workdir: str) -> tuple[TrainState, list[dict[str, float]]]:
   if cfg.export_dir:
     export.export_hf(cfg.export_dir, config_dict, state["params"], tokenizer, cfg.export_dtype)
     summary = {
-        "steps": int(state["step"]), "tokens": int(state["step"]) * tokens, "seq_len": cfg.seq_len,
-        "batch_size": cfg.batch_size, "train_seconds": round(float(state["elapsed_s"]), 1),
-        "epochs": int(state["step"]) / batches.steps_per_epoch, "train_windows": len(batches.windows),
-        "machine": f"{_cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()})",
-        "config": cfg.to_dict(),
+      "steps": int(state["step"]),
+      "tokens": int(state["step"]) * tokens,
+      "seq_len": cfg.seq_len,
+      "batch_size": cfg.batch_size,
+      "train_seconds": round(float(state["elapsed_s"]), 1),
+      "epochs": int(state["step"]) / batches.steps_per_epoch,
+      "train_windows": len(batches.windows),
+      "machine": f"{_cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()})",
+      "config": cfg.to_dict(),
     }
     with open(os.path.join(cfg.export_dir, "training.json"), "w") as f:
       json.dump(summary, f, indent=1)

@@ -10,8 +10,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 def test_gpu_check_dry_run(tmp_path):
   env = {**os.environ, "GPU_CHECK_OUT": str(tmp_path), "PYTHONPATH": str(ROOT)}
-  proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=900, check=False)
+  proc = subprocess.run(
+    ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   assert "skipping" in proc.stdout and "pip install" in proc.stdout  # the CUDA install is only announced
   log = (tmp_path / "gpu_check.log").read_text()

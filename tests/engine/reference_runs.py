@@ -16,8 +16,10 @@ import moejax
 from moejax.engine import Engine
 from moejax.scheduling import POLICIES
 
-TEXT = ("Now the serpent was more subtle than any animal of the field which Yahweh God had made. "
-        "He said to the woman, Has God really said, You shall not eat of any tree of the garden?")
+TEXT = (
+  "Now the serpent was more subtle than any animal of the field which Yahweh God had made. "
+  "He said to the woman, Has God really said, You shall not eat of any tree of the garden?"
+)
 REFERENCE = os.path.join(os.path.dirname(__file__), "data", "engine_reference.json")
 ALPHA = 0.3
 COSTS = "rtx4060ti_16gb"  # fixed split costs: the balance policies' runs repeat exactly
@@ -40,9 +42,8 @@ def run(model, policy: str) -> dict:
   engine.reset()
   free = engine.generate(data["batch"], 8, data["mask"])
   return {
-      name: {"tokens": r.tokens.tolist(), "logprobs": np.round(r.logprobs, 6).tolist(),
-             "per_layer": r.stats["per_layer"]}
-      for name, r in (("forced", forced), ("free", free))
+    name: {"tokens": r.tokens.tolist(), "logprobs": np.round(r.logprobs, 6).tolist(), "per_layer": r.stats["per_layer"]}
+    for name, r in (("forced", forced), ("free", free))
   }
 
 

@@ -26,8 +26,7 @@ MASK[2, :2] = 0
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_every_pair_is_counted_exactly_once(host_model, policy):
   """Per layer step: the four pair classes sum to the pairs, and their distinct experts are the experts computed."""
-  engine = Engine(host_model, policy=policy, alpha=0.3, cache_slots=TOP_K + 1, record_routing=True,
-                  costs="0.002,0.001")
+  engine = Engine(host_model, policy=policy, alpha=0.3, cache_slots=TOP_K + 1, record_routing=True, costs="0.002,0.001")
   result = engine.generate(PROMPTS, 5, MASK)
   config = host_model.config
   decode = [i for i, t in enumerate(result.trace) if t.kind == "decode"]
@@ -76,9 +75,18 @@ def test_provisional_prediction_leaves_out_demand_loads(monkeypatch, tmp_path):
   Three adjacent MoE layers, a cache of k slots: demand loads are frequent, but not in every step.
   """
   config = transformers.Qwen2MoeConfig(
-      vocab_size=61, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
-      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
-      norm_topk_prob=False)
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=24,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts=8,
+    num_experts_per_tok=2,
+    norm_topk_prob=False,
+  )
   build_hf_model(config, tmp_path, seed=11)
   model = moejax.load(tmp_path, experts="host")
   monkeypatch.setattr(engine_lib, "StagedOps", _RecordingOps)
@@ -103,8 +111,11 @@ def test_prefetch_accuracy_is_below_one_on_the_shipped_model():
   tokenizer = transformers.AutoTokenizer.from_pretrained(path)
   ids = np.asarray(tokenizer(HELDOUT.read_text()[:4000])["input_ids"][:96], np.int32)
   model = moejax.load(path, dtype="float32", experts="host")
-  stats = Engine(model, policy="+pre", alpha=0.3, cache_fraction=0.25).generate(
-      ids[None, :16], 80, forced_tokens=ids[None, 16:]).stats
+  stats = (
+    Engine(model, policy="+pre", alpha=0.3, cache_fraction=0.25)
+    .generate(ids[None, :16], 80, forced_tokens=ids[None, 16:])
+    .stats
+  )
   assert stats["prefetch_loads"] > 0
   assert 0.5 < stats["prefetch_accuracy_selected"] < 1
   assert stats["prefetch_accuracy_top"] < 1

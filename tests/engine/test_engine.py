@@ -78,8 +78,9 @@ print(json.dumps({"bytes": device_expert_bytes(model.config)}))
 
 def _device_expert_bytes(path, slots, placement):
   """Routed-expert bytes in device memory after a short decode, measured in a fresh process."""
-  out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path), str(slots), placement],
-                       capture_output=True, text=True, check=True)
+  out = subprocess.run(
+    [sys.executable, "-c", _MEMORY_PROBE, str(path), str(slots), placement], capture_output=True, text=True, check=True
+  )
   return json.loads(out.stdout.strip().splitlines()[-1])["bytes"]
 
 
@@ -183,8 +184,10 @@ def test_shared_pool_lru_counts_match_brute_force(host_model):
   last_used = {k: int(v) for k, v in enumerate(np.asarray(table.last_used))}
   engine = Engine(host_model, policy="lru", cache_slots=slots, cache_scope="global", record_routing=True)
   result = engine.generate(PROMPTS[:1], new)
-  steps = [[(j * NUM_EXPERTS + r[l].experts).ravel().tolist() for j, l in enumerate(c.moe_layer_ids)]
-           for r in result.routing[1:]]
+  steps = [
+    [(j * NUM_EXPERTS + r[l].experts).ravel().tolist() for j, l in enumerate(c.moe_layer_ids)]
+    for r in result.routing[1:]
+  ]
   hits, loads = _brute_force_shared_lru(steps, slots, resident, last_used, int(np.asarray(table.step)))
   per_layer = result.stats["per_layer"]
   for j, l in enumerate(c.moe_layer_ids):
@@ -224,9 +227,17 @@ def test_validation_errors(host_model, tiny_path, tmp_path):
   from tests.models.hf_utils import build_hf_model
 
   dense = transformers.Qwen2MoeConfig(
-      vocab_size=61, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-      shared_expert_intermediate_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-      num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0, 1],
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts=4,
+    num_experts_per_tok=2,
+    mlp_only_layers=[0, 1],
   )
   build_hf_model(dense, tmp_path / "dense")
   with pytest.raises(ValueError, match="no MoE layers"):
@@ -246,7 +257,8 @@ def test_forced_tokens_score_the_decode_path(host_model, reference):
   tokens, logp = reference[3]
   t = PROMPTS.shape[1]
   result = Engine(host_model, policy="smoe", cache_slots=TOP_K).generate(
-      PROMPTS, NEW, MASK, forced_tokens=tokens[:, t:])
+    PROMPTS, NEW, MASK, forced_tokens=tokens[:, t:]
+  )
   np.testing.assert_allclose(result.logprobs, logp, atol=2e-4)
   assert result.greedy.all()
 

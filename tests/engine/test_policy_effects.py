@@ -8,8 +8,10 @@ import moejax
 from moejax.engine import Engine
 from moejax.scheduling import ABLATION
 
-TEXT = ("Now the serpent was more subtle than any animal of the field which Yahweh God had made. "
-        "He said to the woman, Has God really said, You shall not eat of any tree of the garden?")
+TEXT = (
+  "Now the serpent was more subtle than any animal of the field which Yahweh God had made. "
+  "He said to the woman, Has God really said, You shall not eat of any tree of the garden?"
+)
 
 
 @pytest.fixture(scope="module")

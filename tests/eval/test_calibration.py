@@ -27,8 +27,9 @@ def test_recorded_routing_is_the_resident_top_k(host_model, resident_model):
   """The co-activation trace holds the model's own top-k for every prompt and generated token."""
   routing = calibration.routed_experts(host_model, IDS, new_tokens=3)
   c = host_model.config
-  assert {l: r.shape for l, r in routing.items()} == {l: (IDS.size + 2 * 2, c.num_experts_per_tok)
-                                                      for l in c.moe_layer_ids}
+  assert {l: r.shape for l, r in routing.items()} == {
+    l: (IDS.size + 2 * 2, c.num_experts_per_tok) for l in c.moe_layer_ids
+  }
   xs = calibration.expert_inputs(resident_model, IDS)
   l = c.moe_layer_ids[0]
   scores = np.asarray(resident_model.decoder.layers[l].router_scores(xs[l]))

@@ -28,7 +28,12 @@ def test_config_loads_and_documents_its_command(path):
 
 
 def test_overrides():
-  cfg = load(ROOT / "sweep_alpha.py", "--config.alphas=(0.0,0.3)", "--config.engine.cache_slots=4",
-             "--config.model=/m", "--config.accuracy.limit=10")
+  cfg = load(
+    ROOT / "sweep_alpha.py",
+    "--config.alphas=(0.0,0.3)",
+    "--config.engine.cache_slots=4",
+    "--config.model=/m",
+    "--config.accuracy.limit=10",
+  )
   assert (cfg.alphas, cfg.engine.cache_slots, cfg.model, cfg.accuracy.limit) == ((0.0, 0.3), 4, "/m", 10)
   assert load(ROOT / "choose_alpha.py", "--config.budget_ms=12.5").budget_ms == 12.5

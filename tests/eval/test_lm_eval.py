@@ -25,14 +25,14 @@ def forward_logprobs(model, tokens, length: int = 32):
   Left-pads to `length` (masked), so that every direct computation shares one compilation.
   """
   ids, mask = scoring.pad_rows([tokens], length, left=True)
-  logits = np.asarray(model.forward(ids, mask))[0, length - len(tokens):]
+  logits = np.asarray(model.forward(ids, mask))[0, length - len(tokens) :]
   logp = np.asarray(jax.nn.log_softmax(logits, -1))
   return logp[np.arange(len(tokens) - 1), tokens[1:]], logits.argmax(-1)[:-1] == np.asarray(tokens[1:])
 
 
 def direct_score(model, ctx, cont):
   logp, greedy = forward_logprobs(model, list(ctx) + list(cont))
-  return logp[-len(cont):].sum(), greedy[-len(cont):].all()
+  return logp[-len(cont) :].sum(), greedy[-len(cont) :].all()
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +65,16 @@ def test_loglikelihood_rolling_matches_forward(lm, resident_model, tokenizer):
   results = lm.loglikelihood_rolling(requests("loglikelihood_rolling", [(t,) for t in TEXTS]))
   short = tokenizer.encode(TEXTS[0])
   assert len(short) < lm.max_length  # one window: the whole text after the prefix token
-  np.testing.assert_allclose(results[0], forward_logprobs(resident_model, [tokenizer.eos_token_id] + short)[0].sum(),
-                             atol=2e-4)
+  np.testing.assert_allclose(
+    results[0], forward_logprobs(resident_model, [tokenizer.eos_token_id] + short)[0].sum(), atol=2e-4
+  )
   long = tokenizer.encode(TEXTS[1])
-  windows = list(map(lm_eval.utils.make_disjoint_window,
-                     lm_eval.utils.get_rolling_token_windows(long, tokenizer.eos_token_id, lm.max_length, 1)))
+  windows = list(
+    map(
+      lm_eval.utils.make_disjoint_window,
+      lm_eval.utils.get_rolling_token_windows(long, tokenizer.eos_token_id, lm.max_length, 1),
+    )
+  )
   assert len(windows) > 2 and sum(len(pred) for _, pred in windows) == len(long)
   want = sum(direct_score(resident_model, ctx, pred)[0] for ctx, pred in windows)
   np.testing.assert_allclose(results[1], want, atol=5e-4)
@@ -77,10 +82,12 @@ def test_loglikelihood_rolling_matches_forward(lm, resident_model, tokenizer):
 
 def test_generate_until_matches_model_generate(lm, resident_model, tokenizer):
   prompts = CONTEXTS[:2] + ["The sun"]
-  contexts = [tokenizer.encode(p)[-(lm.max_length - 6):] for p in prompts]  # what fits beside 6 new tokens
+  contexts = [tokenizer.encode(p)[-(lm.max_length - 6) :] for p in prompts]  # what fits beside 6 new tokens
   ids, mask = scoring.pad_rows(contexts, lm.max_length, left=True)
-  ref = [tokenizer.decode(row) for row in resident_model.generate(ids, 6, mask)[:, lm.max_length:]]
-  out = lm.generate_until(requests("generate_until", [(p, {"until": ["\x00never"], "max_gen_toks": 6}) for p in prompts]))
+  ref = [tokenizer.decode(row) for row in resident_model.generate(ids, 6, mask)[:, lm.max_length :]]
+  out = lm.generate_until(
+    requests("generate_until", [(p, {"until": ["\x00never"], "max_gen_toks": 6}) for p in prompts])
+  )
   assert out == ref
   # A stop string cuts the text before it.
   stop = ref[0][2:4]
@@ -97,10 +104,24 @@ def test_prefill_scoring_matches_decode_scoring(lm):
 
 
 def test_parse_options():
-  opts = parse_options({"alpha": "0.25", "cache_slots": "4", "policy_in_prefill": "true", "cache_bytes": "none",
-                        "batch_size": 2, "policy": "smoe"})
-  assert opts == {"alpha": 0.25, "cache_slots": 4, "policy_in_prefill": True, "cache_bytes": None, "batch_size": 2,
-                  "policy": "smoe"}
+  opts = parse_options(
+    {
+      "alpha": "0.25",
+      "cache_slots": "4",
+      "policy_in_prefill": "true",
+      "cache_bytes": "none",
+      "batch_size": 2,
+      "policy": "smoe",
+    }
+  )
+  assert opts == {
+    "alpha": 0.25,
+    "cache_slots": 4,
+    "policy_in_prefill": True,
+    "cache_bytes": None,
+    "batch_size": 2,
+    "policy": "smoe",
+  }
   with pytest.raises(ValueError, match="Unknown moejax model_args"):
     parse_options({"alpah": "0.1"})
   with pytest.raises(ValueError, match="not an integer"):
@@ -108,24 +129,34 @@ def test_parse_options():
 
 
 def test_from_options_builds_the_engine(eval_path):
-  lm = MoejaxLM.create_from_arg_string(f"pretrained={eval_path},policy=lru,alpha=0.2,cache_slots=3,"
-                                       "policy_in_prefill=true,max_length=32", {"batch_size": "2", "device": None})
+  lm = MoejaxLM.create_from_arg_string(
+    f"pretrained={eval_path},policy=lru,alpha=0.2,cache_slots=3,policy_in_prefill=true,max_length=32",
+    {"batch_size": "2", "device": None},
+  )
   assert (lm.engine.spec.name, lm.engine.num_slots, lm.engine.options.policy_in_prefill) == ("lru", 3, True)
   assert (lm.engine.options.alpha, lm.batch_size, lm.max_length) == (pytest.approx(0.2), 2, 32)
 
 
 def test_alpha_zero_scores_equal_resident(eval_path):
   """lm-eval through the registered "moejax" model: smoe at alpha = 0 scores like the resident policy."""
+
   def run(**engine):
     return lm_eval.simple_evaluate(
-        model="moejax", model_args={"pretrained": str(eval_path), **SHAPES, **engine},
-        tasks=["moejax_capitals"], limit=4, task_manager=task_manager(include_defaults=False), bootstrap_iters=0)
+      model="moejax",
+      model_args={"pretrained": str(eval_path), **SHAPES, **engine},
+      tasks=["moejax_capitals"],
+      limit=4,
+      task_manager=task_manager(include_defaults=False),
+      bootstrap_iters=0,
+    )
 
   resident = run(policy="resident")
   smoe = run(policy="smoe", alpha=0.0, cache_slots=2)
   assert smoe["results"]["moejax_capitals"] == resident["results"]["moejax_capitals"]
-  logps = [[np.asarray([r[0] for r in s["resps"]], float) for s in res["samples"]["moejax_capitals"]]
-           for res in (resident, smoe)]
+  logps = [
+    [np.asarray([r[0] for r in s["resps"]], float) for s in res["samples"]["moejax_capitals"]]
+    for res in (resident, smoe)
+  ]
   np.testing.assert_allclose(np.concatenate(logps[0]), np.concatenate(logps[1]), atol=2e-4)
 
 

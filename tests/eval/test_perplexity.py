@@ -23,15 +23,18 @@ def test_rolling_windows_predict_each_token_once():
   windows = scoring.rolling_windows(tokens, 0, window=8, context=3)
   assert [t for _, pred in windows for t in pred] == tokens
   assert windows[0] == ([0], tokens[:8])  # disjoint: the first window predicts from the prefix token on
-  assert all(len(ctx) + len(pred) - 1 <= 8 and ctx == tokens[tokens.index(pred[0]) - len(ctx): tokens.index(pred[0])]
-             for ctx, pred in windows[1:])
+  assert all(
+    len(ctx) + len(pred) - 1 <= 8 and ctx == tokens[tokens.index(pred[0]) - len(ctx) : tokens.index(pred[0])]
+    for ctx, pred in windows[1:]
+  )
   with pytest.raises(ValueError, match="context < window"):
     scoring.rolling_windows(tokens, 0, window=8, context=8)
 
 
 def test_file_perplexity_decode_and_prefill_match_forward(engine, resident_model, tokenizer):
-  kw = dict(window=WINDOW, context=4, batch_size=SHAPES["batch_size"], length_bucket=SHAPES["length_bucket"],
-            max_tokens=40)
+  kw = dict(
+    window=WINDOW, context=4, batch_size=SHAPES["batch_size"], length_bucket=SHAPES["length_bucket"], max_tokens=40
+  )
   decode = perplexity.file_perplexity(engine, tokenizer, PARAGRAPHS_PATH, **kw)
   prefill = perplexity.file_perplexity(engine, tokenizer, PARAGRAPHS_PATH, mode="prefill", **kw)
   with open(PARAGRAPHS_PATH) as f:

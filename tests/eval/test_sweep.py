@@ -16,10 +16,17 @@ def tiny_config(eval_path, out):
   cfg.model = str(eval_path)
   cfg.engine.cache_slots = 3
   # Shapes as in the other eval tests (batch 4, 16 prompt tokens, 32 cache rows): nothing compiles twice.
-  cfg.speed.update(num_prompts=4, prompt_len=16, new_tokens=16, batch=SHAPES["batch_size"],
-                   profiles=("rtx3080ti_12gb",))
-  cfg.accuracy.update(tasks=(), batch_size=SHAPES["batch_size"], perplexity_file=PARAGRAPHS_PATH,
-                      perplexity_window=SHAPES["max_length"], perplexity_context=4, perplexity_max_tokens=24)
+  cfg.speed.update(
+    num_prompts=4, prompt_len=16, new_tokens=16, batch=SHAPES["batch_size"], profiles=("rtx3080ti_12gb",)
+  )
+  cfg.accuracy.update(
+    tasks=(),
+    batch_size=SHAPES["batch_size"],
+    perplexity_file=PARAGRAPHS_PATH,
+    perplexity_window=SHAPES["max_length"],
+    perplexity_context=4,
+    perplexity_max_tokens=24,
+  )
   cfg.out = str(out)
   return cfg
 

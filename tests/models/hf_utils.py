@@ -57,8 +57,13 @@ def hf_greedy(model: torch.nn.Module, ids: np.ndarray, max_new_tokens: int, atte
     # An explicit mask: otherwise generate() treats every pad_token_id in the prompt as padding.
     mask = np.ones_like(ids) if attention_mask is None else attention_mask
     out = model.generate(
-        torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=max_new_tokens,
-        min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None,
+      torch.tensor(ids),
+      attention_mask=torch.tensor(mask),
+      max_new_tokens=max_new_tokens,
+      min_new_tokens=max_new_tokens,
+      do_sample=False,
+      pad_token_id=0,
+      eos_token_id=None,
     )
   return out.numpy()
 

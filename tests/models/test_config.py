@@ -18,28 +18,70 @@ from moejax.models.mla import softmax_scale
 from tests.models.reference_models import moe_layer_indices, tiny_deepseek_config, tiny_xverse_config
 
 DEEPSEEK_V2_LITE = dict(
-    model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
-    moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
-    n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, moe_layer_freq=1,
-    kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-    topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0,
-    scoring_func="softmax", max_position_embeddings=163840, rms_norm_eps=1e-6, rope_theta=10000,
-    rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
-                  "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+  model_type="deepseek_v2",
+  vocab_size=102400,
+  hidden_size=2048,
+  intermediate_size=10944,
+  moe_intermediate_size=1408,
+  num_hidden_layers=27,
+  num_attention_heads=16,
+  num_key_value_heads=16,
+  n_routed_experts=64,
+  n_shared_experts=2,
+  num_experts_per_tok=6,
+  first_k_dense_replace=1,
+  moe_layer_freq=1,
+  kv_lora_rank=512,
+  q_lora_rank=None,
+  qk_nope_head_dim=128,
+  qk_rope_head_dim=64,
+  v_head_dim=128,
+  topk_method="greedy",
+  n_group=1,
+  topk_group=1,
+  norm_topk_prob=False,
+  routed_scaling_factor=1.0,
+  scoring_func="softmax",
+  max_position_embeddings=163840,
+  rms_norm_eps=1e-6,
+  rope_theta=10000,
+  rope_scaling={
+    "type": "yarn",
+    "factor": 40,
+    "original_max_position_embeddings": 4096,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 0.707,
+    "mscale_all_dim": 0.707,
+  },
 )
 
 DEEPSEEK_MOE_16B = tiny_deepseek_config(
-    vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=28,
-    num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
+  vocab_size=102400,
+  hidden_size=2048,
+  intermediate_size=10944,
+  moe_intermediate_size=1408,
+  num_hidden_layers=28,
+  num_attention_heads=16,
+  num_key_value_heads=16,
+  n_routed_experts=64,
+  n_shared_experts=2,
+  num_experts_per_tok=6,
 )
 
 XVERSE_MOE_A4_2B = {
-    k: v
-    for k, v in tiny_xverse_config(
-        vocab_size=100534, hidden_size=2560, intermediate_size=1728, num_hidden_layers=28, num_attention_heads=32,
-        num_experts=64, moe_top_k=6, num_shared_experts=2,
-    ).items()
-    if k != "num_key_value_heads"  # absent from the real config: MHA
+  k: v
+  for k, v in tiny_xverse_config(
+    vocab_size=100534,
+    hidden_size=2560,
+    intermediate_size=1728,
+    num_hidden_layers=28,
+    num_attention_heads=32,
+    num_experts=64,
+    moe_top_k=6,
+    num_shared_experts=2,
+  ).items()
+  if k != "num_key_value_heads"  # absent from the real config: MHA
 }
 
 
@@ -75,9 +117,20 @@ def test_yarn_factor_and_original_length_defaults():
 
 
 def test_deepseek_v3_routing_fields():
-  d = dict(DEEPSEEK_V2_LITE, model_type="deepseek_v3", q_lora_rank=1536, n_group=8, topk_group=4,
-           n_routed_experts=256, num_experts_per_tok=8, routed_scaling_factor=2.5, norm_topk_prob=True,
-           first_k_dense_replace=3, head_dim=64, rope_interleave=False)
+  d = dict(
+    DEEPSEEK_V2_LITE,
+    model_type="deepseek_v3",
+    q_lora_rank=1536,
+    n_group=8,
+    topk_group=4,
+    n_routed_experts=256,
+    num_experts_per_tok=8,
+    routed_scaling_factor=2.5,
+    norm_topk_prob=True,
+    first_k_dense_replace=3,
+    head_dim=64,
+    rope_interleave=False,
+  )
   c = from_hf_config(d)
   assert (c.scoring_func, c.topk_method, c.n_group, c.topk_group) == ("sigmoid", "noaux_tc", 8, 4)
   assert c.router_bias and c.norm_topk_prob and c.routed_scaling_factor == 2.5
@@ -96,8 +149,8 @@ def test_deepseek_moe_16b():
 
 
 @pytest.mark.parametrize(
-    "overrides",
-    [dict(moe_layer_freq=2, num_hidden_layers=7), dict(first_k_dense_replace=0, moe_layer_freq=3), {}],
+  "overrides",
+  [dict(moe_layer_freq=2, num_hidden_layers=7), dict(first_k_dense_replace=0, moe_layer_freq=3), {}],
 )
 def test_deepseek_moe_layer_placement_follows_remote_code(overrides):
   cfg = tiny_deepseek_config(**overrides)
@@ -117,7 +170,8 @@ def test_xverse_moe_a4_2b():
   assert (c.num_experts, c.num_experts_per_tok, c.norm_topk_prob, c.routed_scaling_factor) == (64, 6, False, 1.0)
   assert hf_key(("layers", 3, "mlp", "router", "weight"), layout_for(c), True) == "model.layers.3.mlp.router.weight"
   assert hf_key(("layers", 3, "mlp", "shared", "mlp", "up_proj", "weight"), layout_for(c), True) == (
-      "model.layers.3.mlp.shared_experts.up_proj.weight")
+    "model.layers.3.mlp.shared_experts.up_proj.weight"
+  )
 
 
 def test_dense_xverse():

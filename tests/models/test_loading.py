@@ -71,9 +71,9 @@ def test_unsupported_model_type_lists_supported(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "key",
-    ["model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.experts.5.up_proj.weight"],
-    ids=["attention", "expert"],
+  "key",
+  ["model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.experts.5.up_proj.weight"],
+  ids=["attention", "expert"],
 )
 def test_missing_tensor_is_named(checkpoint, tmp_path, key):
   _rewrite(checkpoint[0], tmp_path, lambda t: {k: v for k, v in t.items() if k != key})
@@ -89,14 +89,14 @@ def test_misshaped_tensor_is_named(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "damage, message",
-    [
-        (lambda data: data[: len(data) // 2], "is truncated"),
-        (lambda data: data[:5], "no safetensors header"),
-        (lambda data: (999).to_bytes(8, "little") + b"{not json" + data[17:], "corrupt safetensors header"),
-        (lambda data: (10**12).to_bytes(8, "little") + data[8:], "corrupt safetensors header"),
-    ],
-    ids=["truncated_data", "truncated_header", "garbage_header", "header_length"],
+  "damage, message",
+  [
+    (lambda data: data[: len(data) // 2], "is truncated"),
+    (lambda data: data[:5], "no safetensors header"),
+    (lambda data: (999).to_bytes(8, "little") + b"{not json" + data[17:], "corrupt safetensors header"),
+    (lambda data: (10**12).to_bytes(8, "little") + data[8:], "corrupt safetensors header"),
+  ],
+  ids=["truncated_data", "truncated_header", "garbage_header", "header_length"],
 )
 def test_corrupt_safetensors(checkpoint, tmp_path, damage, message):
   shutil.copytree(checkpoint[0], tmp_path, dirs_exist_ok=True)
@@ -131,7 +131,7 @@ def _fuse_experts(tensors: dict) -> dict:
   for prefix, projs in experts.items():
     order = sorted(projs["gate_proj"])
     out[f"{prefix}.mlp.experts.gate_up_proj"] = np.stack(
-        [np.concatenate([projs["gate_proj"][j], projs["up_proj"][j]]) for j in order]
+      [np.concatenate([projs["gate_proj"][j], projs["up_proj"][j]]) for j in order]
     )
     out[f"{prefix}.mlp.experts.down_proj"] = np.stack([projs["down_proj"][j] for j in order])
   return out

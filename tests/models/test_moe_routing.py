@@ -9,8 +9,16 @@ from moejax.models.moe import combine_weights, select_experts
 
 def _config(**routing) -> MoEConfig:
   return MoEConfig(
-      model_type="test", vocab_size=8, hidden_size=4, num_layers=1, num_heads=1, num_kv_heads=1, head_dim=4,
-      moe_layers=(True,), sliding_windows=(None,), **routing,
+    model_type="test",
+    vocab_size=8,
+    hidden_size=4,
+    num_layers=1,
+    num_heads=1,
+    num_kv_heads=1,
+    head_dim=4,
+    moe_layers=(True,),
+    sliding_windows=(None,),
+    **routing,
   )
 
 

@@ -16,25 +16,55 @@ from tests.models.hf_utils import hf_greedy, hf_logits, hf_pair_fixture
 BASE = dict(vocab_size=97, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
 
 CASES = {
-    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
-        **BASE, intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48,
-        num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1],
-    ),
-    "qwen2_moe_norm_sparse_step_sliding": lambda: transformers.Qwen2MoeConfig(
-        **{**BASE, "num_hidden_layers": 4}, intermediate_size=96, moe_intermediate_size=32,
-        shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=3, norm_topk_prob=True,
-        decoder_sparse_step=2, use_sliding_window=True, sliding_window=5, max_window_layers=3,
-    ),
-    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
-        **BASE, head_dim=24, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
-        num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[0],
-    ),
-    "mixtral": lambda: transformers.MixtralConfig(
-        **BASE, intermediate_size=48, num_local_experts=6, num_experts_per_tok=2, sliding_window=6,
-    ),
-    "olmoe": lambda: transformers.OlmoeConfig(
-        **BASE, intermediate_size=32, num_experts=8, num_experts_per_tok=3, norm_topk_prob=False, clip_qkv=3.0,
-    ),
+  "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+    **BASE,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=48,
+    num_experts=8,
+    num_experts_per_tok=2,
+    norm_topk_prob=False,
+    decoder_sparse_step=1,
+    mlp_only_layers=[1],
+  ),
+  "qwen2_moe_norm_sparse_step_sliding": lambda: transformers.Qwen2MoeConfig(
+    **{**BASE, "num_hidden_layers": 4},
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=48,
+    num_experts=8,
+    num_experts_per_tok=3,
+    norm_topk_prob=True,
+    decoder_sparse_step=2,
+    use_sliding_window=True,
+    sliding_window=5,
+    max_window_layers=3,
+  ),
+  "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+    **BASE,
+    head_dim=24,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_experts=8,
+    num_experts_per_tok=2,
+    norm_topk_prob=True,
+    mlp_only_layers=[0],
+  ),
+  "mixtral": lambda: transformers.MixtralConfig(
+    **BASE,
+    intermediate_size=48,
+    num_local_experts=6,
+    num_experts_per_tok=2,
+    sliding_window=6,
+  ),
+  "olmoe": lambda: transformers.OlmoeConfig(
+    **BASE,
+    intermediate_size=32,
+    num_experts=8,
+    num_experts_per_tok=3,
+    norm_topk_prob=False,
+    clip_qkv=3.0,
+  ),
 }
 
 ATOL = 1e-4

@@ -14,19 +14,19 @@ import torch
 import moejax
 from tests.models.hf_utils import Pair
 from tests.models.reference_models import (
-    build_reference,
-    greedy_generate,
-    load_hub_checkpoint,
-    save_hub_checkpoint,
-    tiny_deepseek_config,
-    tiny_xverse_config,
+  build_reference,
+  greedy_generate,
+  load_hub_checkpoint,
+  save_hub_checkpoint,
+  tiny_deepseek_config,
+  tiny_xverse_config,
 )
 from tests.models.test_parity import (  # noqa: F401  the shared check, run here on `pair` below
-    NEW,
-    PROMPT,
-    _ids,
-    assert_logits_close,
-    test_incremental_decode_equals_full_forward,
+  NEW,
+  PROMPT,
+  _ids,
+  assert_logits_close,
+  test_incremental_decode_equals_full_forward,
 )
 
 # Weights drawn with std 0.2 instead of the configs' initializer_range 0.02: with 0.02 attention
@@ -34,17 +34,22 @@ from tests.models.test_parity import (  # noqa: F401  the shared check, run here
 STD = dict(initializer_range=0.2)
 
 CASES = {
-    # The real model's layout: dense layer 0, two fused shared experts, top-k without renormalisation.
-    "deepseek": lambda: tiny_deepseek_config(**STD),
-    # Renormalised top-k, MoE only where layer % moe_layer_freq == 0 (layer 2 of 4), no shared
-    # experts, GQA, tied head, linear rope scaling.
-    "deepseek_variant": lambda: tiny_deepseek_config(
-        **STD, norm_topk_prob=True, moe_layer_freq=2, n_shared_experts=None, num_key_value_heads=2,
-        tie_word_embeddings=True, rope_scaling={"type": "linear", "factor": 2.0},
-    ),
-    # The real model's layout: every layer MoE, router `mlp.router`, two fused shared experts.
-    "xverse": lambda: tiny_xverse_config(**STD),
-    "xverse_norm_topk": lambda: tiny_xverse_config(**STD, norm_topk_prob=True, moe_top_k=2),
+  # The real model's layout: dense layer 0, two fused shared experts, top-k without renormalisation.
+  "deepseek": lambda: tiny_deepseek_config(**STD),
+  # Renormalised top-k, MoE only where layer % moe_layer_freq == 0 (layer 2 of 4), no shared
+  # experts, GQA, tied head, linear rope scaling.
+  "deepseek_variant": lambda: tiny_deepseek_config(
+    **STD,
+    norm_topk_prob=True,
+    moe_layer_freq=2,
+    n_shared_experts=None,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+    rope_scaling={"type": "linear", "factor": 2.0},
+  ),
+  # The real model's layout: every layer MoE, router `mlp.router`, two fused shared experts.
+  "xverse": lambda: tiny_xverse_config(**STD),
+  "xverse_norm_topk": lambda: tiny_xverse_config(**STD, norm_topk_prob=True, moe_top_k=2),
 }
 
 
@@ -115,15 +120,15 @@ def test_bfloat16_checkpoint_matches_reference(pair, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "cfg",
-    [
-        # DeepSeek-MoE's remote code also implements dynamic NTK rope; it only acts beyond
-        # max_position_embeddings, here 8 < PROMPT + NEW.
-        tiny_deepseek_config(**STD, rope_scaling={"type": "dynamic", "factor": 2.0}, max_position_embeddings=8),
-        # Dense XVERSE (no num_experts): every layer an MLP of intermediate_size.
-        tiny_xverse_config(**STD, num_experts=None, num_shared_experts=None),
-    ],
-    ids=["deepseek_dynamic_rope", "xverse_dense"],
+  "cfg",
+  [
+    # DeepSeek-MoE's remote code also implements dynamic NTK rope; it only acts beyond
+    # max_position_embeddings, here 8 < PROMPT + NEW.
+    tiny_deepseek_config(**STD, rope_scaling={"type": "dynamic", "factor": 2.0}, max_position_embeddings=8),
+    # Dense XVERSE (no num_experts): every layer an MLP of intermediate_size.
+    tiny_xverse_config(**STD, num_experts=None, num_shared_experts=None),
+  ],
+  ids=["deepseek_dynamic_rope", "xverse_dense"],
 )
 def test_logits_match_variant(cfg, tmp_path):
   ref = build_reference(cfg, seed=1)

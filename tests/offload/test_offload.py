@@ -77,14 +77,26 @@ def test_bf16_slots_hold_bit_patterns_read_as_the_experts():
   """bf16 experts copied into (uint16) slots compute exactly what the same experts compute from the store."""
   layer = ExpertWeights(*(a.astype(jnp.bfloat16) for a in _layer(3)))
   store = HostExpertStore([layer]).layers[0]
-  config = MoEConfig(model_type="test", vocab_size=8, hidden_size=D, num_layers=1, num_heads=1, num_kv_heads=1,
-                     head_dim=D, moe_intermediate_size=F, num_experts=E, num_experts_per_tok=2, moe_layers=(True,),
-                     sliding_windows=(None,))
+  config = MoEConfig(
+    model_type="test",
+    vocab_size=8,
+    hidden_size=D,
+    num_layers=1,
+    num_heads=1,
+    num_kv_heads=1,
+    head_dim=D,
+    moe_intermediate_size=F,
+    num_experts=E,
+    num_experts_per_tok=2,
+    moe_layers=(True,),
+    sliding_windows=(None,),
+  )
   buffers = slot_cache.empty_slots(config, 3, jnp.bfloat16)
   assert all(b.dtype == jnp.uint16 for b in buffers)
   buffers = slot_cache.write_slots(buffers, store, jnp.asarray([4, 1], jnp.int32), jnp.asarray([2, 0], jnp.int32))
-  np.testing.assert_array_equal(np.asarray(jax.lax.bitcast_convert_type(buffers.up[2], jnp.bfloat16)),
-                                np.asarray(layer.up[4]))
+  np.testing.assert_array_equal(
+    np.asarray(jax.lax.bitcast_convert_type(buffers.up[2], jnp.bfloat16)), np.asarray(layer.up[4])
+  )
   x = jnp.asarray(np.random.default_rng(4).standard_normal((2, D)), jnp.bfloat16)
   mix = jnp.asarray([[0.7, 0.3], [0.4, 0.6]], jnp.float32)
   from_slots = routed_experts(x, buffers, jnp.asarray([[2, 0], [0, -1]], jnp.int32), mix)

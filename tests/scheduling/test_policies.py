@@ -56,20 +56,31 @@ def test_ablation_is_cumulative_and_ends_at_smoe():
 
 def test_release_preset_is_the_released_code():
   spec = policies.get_policy("smoe_release")
-  assert (spec.substitution, spec.eviction, spec.prefetch, spec.cpu_compute) == ("release", "fifo", "layernorm",
-                                                                                  "greedy")
-  assert (spec.prefetch_limit, spec.prefetch_after_miss, spec.cache_scope, spec.fill) == (1, True, "global",
-                                                                                         "layer_order")
+  assert (spec.substitution, spec.eviction, spec.prefetch, spec.cpu_compute) == (
+    "release",
+    "fifo",
+    "layernorm",
+    "greedy",
+  )
+  assert (spec.prefetch_limit, spec.prefetch_after_miss, spec.cache_scope, spec.fill) == (
+    1,
+    True,
+    "global",
+    "layer_order",
+  )
   assert spec.alpha == 0.25 and not spec.renormalize and spec.split_costs
 
 
-@pytest.mark.parametrize("changes,match", [
-  (dict(prefetch=None, prefetch_limit=1), "need a prefetch predictor"),
-  (dict(prefetch_limit=0), "prefetch_limit must be >= 1"),
-  (dict(cache_scope="pool"), "cache_scope must be one of"),
-  (dict(fill="random"), "fill must be one of"),
-  (dict(alpha=-0.1), "alpha must be >= 0"),
-])
+@pytest.mark.parametrize(
+  "changes,match",
+  [
+    (dict(prefetch=None, prefetch_limit=1), "need a prefetch predictor"),
+    (dict(prefetch_limit=0), "prefetch_limit must be >= 1"),
+    (dict(cache_scope="pool"), "cache_scope must be one of"),
+    (dict(fill="random"), "fill must be one of"),
+    (dict(alpha=-0.1), "alpha must be >= 0"),
+  ],
+)
 def test_release_fields_are_checked(changes, match):
   with pytest.raises(ValueError, match=match):
     dataclasses.replace(policies.get_policy("smoe_release"), **changes)

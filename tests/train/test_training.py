@@ -35,14 +35,32 @@ def _tiny_config(tmp_path, **overrides) -> ml_collections.ConfigDict:
   cfg = get_config()
   cfg.data.train_path = str(tmp_path / "train.txt")
   cfg.data.heldout_path = str(tmp_path / "heldout.txt")
-  cfg.model.update(dict(
-      vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, moe_intermediate_size=16,
-      num_experts=8, num_experts_per_tok=2, shared_expert_intermediate_size=32,
-  ))
-  cfg.update(dict(
-      seq_len=32, batch_size=8, total_steps=8, log_every=4, eval_every=0, checkpoint_every=4, expert_block=16,
-      export_dir="", export_dtype="float32",
-  ))
+  cfg.model.update(
+    dict(
+      vocab_size=300,
+      hidden_size=32,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      moe_intermediate_size=16,
+      num_experts=8,
+      num_experts_per_tok=2,
+      shared_expert_intermediate_size=32,
+    )
+  )
+  cfg.update(
+    dict(
+      seq_len=32,
+      batch_size=8,
+      total_steps=8,
+      log_every=4,
+      eval_every=0,
+      checkpoint_every=4,
+      expert_block=16,
+      export_dir="",
+      export_dtype="float32",
+    )
+  )
   cfg.optim.update(dict(warmup_steps=2, peak_lr=1e-2))
   cfg.update(overrides)
   return cfg
