@@ -66,7 +66,9 @@ def routing_figures(run: RunStats, engine: Engine) -> dict[str, float]:
   (`moejax.sim.oracle.routing_bounds`) on the pair hit ratio of this run's
   routing at the engine's cache size, each call starting from the slots its
   prefill left. The bounds cap `cache_hit_ratio` of policies without prefetch
-  (a prefetch brings experts in outside the replayed schedule).
+  (a prefetch brings experts in outside the replayed schedule); they are 0
+  without slots (cpu) and NaN for policies without a cache to bound
+  (resident, layerwise).
   """
   kinds = [t.kind for t in run.trace]
   segments = []
@@ -90,8 +92,12 @@ def routing_figures(run: RunStats, engine: Engine) -> dict[str, float]:
     "reuse_rate": reused / computed if computed else float("nan"),
   }
   hits = {"belady_hit_ratio": 0.0, "substitution_bound_hit_ratio": 0.0}
+  if not engine.spec.cache or engine.spec.layerwise:  # resident / whole layers streamed: no cache to bound
+    return out | {key: float("nan") for key in hits}
+  if engine.num_slots == 0:  # nothing can be resident: no cache hits, with or without substitution
+    return out | hits
   pairs = 0
-  slots = engine.num_slots if engine.spec.cache and not engine.spec.layerwise else 0
+  slots = engine.num_slots
   for steps, resident in segments:
     if not steps:
       continue
