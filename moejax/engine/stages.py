@@ -505,8 +505,9 @@ def forward(
     prev = _Previous(l, h_attention, x, prov, out.missed, _shared_pool_keys(cfg, pools, l, d, valid), False)
   if cfg.head:
     out = ops.run("head", None, functools.partial(head, cfg.score), ops.decoder, h, batch.ids)
-  else:
-    out = jnp.zeros((h.shape[0], config.vocab_size), jnp.float32)
+  else:  # no LM head: the output still reads the final hidden state, or XLA would drop the last layer's experts
+    final = jnp.sum(h[:, -1].astype(jnp.float32), axis=-1)
+    out = jnp.zeros((h.shape[0], config.vocab_size), jnp.float32).at[:, 0].set(final)
   record = StepRecord(LayerCounters.stack(counters), tuple(routing) if cfg.routing else None)
   return out, DecodeState(tuple(kv), tuple(pools)), record
 
