@@ -27,7 +27,7 @@ from moejax.eval.lm_eval import MoejaxLM
 from moejax.eval.tasks import TASKS_DIR
 from moejax.models import model as model_lib
 from tests.eval.conftest import build_tokenizer
-from tests.models.hf_utils import build_hf_model
+from tests.models.hf_utils import build_hf_model, tiny_qwen2_moe_config
 
 VOCAB, TOP_K = 320, 2
 B, T, N = 2, 6, 3  # the fixed batch of the fuzzed calls: rows, prompt tokens, new tokens
@@ -43,18 +43,10 @@ def path(tmp_path_factory):
   path = tmp_path_factory.mktemp("tiny_validation_model")
   texts = [p.read_text() for p in sorted(pathlib.Path(TASKS_DIR).iterdir()) if p.suffix in (".jsonl", ".txt")]
   tokenizer = build_tokenizer(path, texts, vocab_size=VOCAB)
-  config = transformers.Qwen2MoeConfig(
+  config = tiny_qwen2_moe_config(
     vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=48,
-    moe_intermediate_size=16,
-    shared_expert_intermediate_size=24,
     num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    num_experts=8,
     num_experts_per_tok=TOP_K,
-    norm_topk_prob=False,
     max_position_embeddings=64,
     eos_token_id=tokenizer.eos_token_id,
     bos_token_id=tokenizer.bos_token_id,

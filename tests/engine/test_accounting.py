@@ -14,7 +14,7 @@ from moejax.engine import engine as engine_lib
 from moejax.engine.schedule import prefetch_layer
 from moejax.scheduling import POLICIES
 from tests.engine.conftest import TOP_K
-from tests.models.hf_utils import build_hf_model
+from tests.models.hf_utils import build_hf_model, tiny_qwen2_moe_config
 
 HELDOUT = pathlib.Path(__file__).parents[2] / "third_party" / "world_english_bible" / "heldout.txt"
 
@@ -74,19 +74,7 @@ def test_provisional_prediction_leaves_out_demand_loads(monkeypatch, tmp_path):
 
   Three adjacent MoE layers, a cache of k slots: demand loads are frequent, but not in every step.
   """
-  config = transformers.Qwen2MoeConfig(
-    vocab_size=61,
-    hidden_size=32,
-    intermediate_size=48,
-    moe_intermediate_size=16,
-    shared_expert_intermediate_size=24,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    num_experts=8,
-    num_experts_per_tok=2,
-    norm_topk_prob=False,
-  )
+  config = tiny_qwen2_moe_config()
   build_hf_model(config, tmp_path, seed=11)
   model = moejax.load(tmp_path, experts="host")
   monkeypatch.setattr(engine_lib, "StagedOps", _RecordingOps)

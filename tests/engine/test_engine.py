@@ -222,23 +222,10 @@ def test_validation_errors(host_model, tiny_path, tmp_path):
   with pytest.raises(ValueError, match="below top-k"):
     Engine(host_model, policy="lru", cache_slots=TOP_K - 1)
   Engine(host_model, policy="smoe", cache_slots=TOP_K - 1)  # CPU compute covers a budget below k
-  import transformers
 
-  from tests.models.hf_utils import build_hf_model
+  from tests.models.hf_utils import build_hf_model, tiny_qwen2_moe_config
 
-  dense = transformers.Qwen2MoeConfig(
-    vocab_size=61,
-    hidden_size=32,
-    intermediate_size=48,
-    moe_intermediate_size=16,
-    shared_expert_intermediate_size=24,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    num_experts=4,
-    num_experts_per_tok=2,
-    mlp_only_layers=[0, 1],
-  )
+  dense = tiny_qwen2_moe_config(num_hidden_layers=2, num_experts=4, mlp_only_layers=[0, 1])
   build_hf_model(dense, tmp_path / "dense")
   with pytest.raises(ValueError, match="no MoE layers"):
     Engine(moejax.load(tmp_path / "dense"), policy="lru")

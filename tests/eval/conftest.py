@@ -8,7 +8,7 @@ import transformers
 
 import moejax
 from moejax.eval.tasks import TASKS_DIR
-from tests.models.hf_utils import build_hf_model
+from tests.models.hf_utils import build_hf_model, tiny_qwen2_moe_config
 
 VOCAB = 320
 EOS = "<|endoftext|>"
@@ -29,18 +29,9 @@ def eval_path(tmp_path_factory):
   path = tmp_path_factory.mktemp("tiny_eval_model")
   texts = [p.read_text() for p in sorted(pathlib.Path(TASKS_DIR).iterdir()) if p.suffix in (".jsonl", ".txt")]
   tokenizer = build_tokenizer(path, texts)
-  config = transformers.Qwen2MoeConfig(
+  config = tiny_qwen2_moe_config(
     vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=48,
-    moe_intermediate_size=16,
-    shared_expert_intermediate_size=24,
     num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    num_experts=8,
-    num_experts_per_tok=2,
-    norm_topk_prob=False,
     max_position_embeddings=64,
     eos_token_id=tokenizer.eos_token_id,
     bos_token_id=tokenizer.bos_token_id,

@@ -33,6 +33,29 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch
   return model
 
 
+def tiny_qwen2_moe_config(**overrides) -> transformers.Qwen2MoeConfig:
+  """The tiny Qwen2-MoE the engine, eval and validation tests decode with; keywords override its fields.
+
+  Hidden 32, 4 heads (2 KV), dense width 48, 8 routed experts of width 16 and
+  a gated shared expert of width 24, top-2 without renormalisation, 3 layers,
+  vocabulary 61.
+  """
+  fields = dict(
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=24,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts=8,
+    num_experts_per_tok=2,
+    norm_topk_prob=False,
+  )
+  return transformers.Qwen2MoeConfig(**{**fields, **overrides})
+
+
 def build_hf_model(config: transformers.PretrainedConfig, path, seed: int = 0) -> torch.nn.Module:
   """Creates a random float32 HF causal LM from `config`, saves it to `path`, returns it in eval mode."""
   torch.manual_seed(seed)
