@@ -83,6 +83,8 @@ def table(rows: Sequence[Row], columns: Sequence[str]) -> str:
 
 ACCURACY = ("ppl", "capitals", "paragraphs")
 ESTIMATES = tuple(f"est_{p}" for p in PROFILES)
+ROUTING = ("hit", "cache_hit", "belady", "subst_bound", "prefetch", "mb", "wasted", "cpu", "distinct", "reuse")
+TIMES = (*ESTIMATES, "tpot", "tpot_fwd")
 SECTIONS = (
   (
     "sweep_alpha.jsonl",
@@ -97,48 +99,13 @@ SECTIONS = (
   (
     "compare_policies.jsonl",
     "smoe (the paper's text) vs smoe_release (its released code) vs the baselines",
-    (
-      "policy",
-      "alpha",
-      "scope",
-      "hit",
-      "cache_hit",
-      "belady",
-      "subst_bound",
-      "prefetch",
-      "mb",
-      "wasted",
-      "cpu",
-      "distinct",
-      "reuse",
-      "ppl",
-      *ESTIMATES,
-      "tpot",
-      "tpot_fwd",
-    ),
+    ("policy", "alpha", "scope", *ROUTING, "ppl", *TIMES),
   ),
   (
     "compare_policies_scale.jsonl",
     "The same comparison on a random checkpoint with real expert sizes (routing counts only; its accuracy is "
     "meaningless)",
-    (
-      "policy",
-      "alpha",
-      "scope",
-      "hit",
-      "cache_hit",
-      "belady",
-      "subst_bound",
-      "prefetch",
-      "mb",
-      "wasted",
-      "cpu",
-      "distinct",
-      "reuse",
-      *ESTIMATES,
-      "tpot",
-      "tpot_fwd",
-    ),
+    ("policy", "alpha", "scope", *ROUTING, *TIMES),
   ),
 )
 
