@@ -3,7 +3,9 @@ CPU experts, TPOT here and estimated on the paper's GPUs.
 
 On the random ~128M-parameter Qwen2-MoE of `decode_speed.py` (built with a
 token embedding that makes its routing follow the token, `common.py`), every
-registered policy at cache_slots E/4 and E/2 decodes windows of held-out text
+registered policy with a quarter and a half of the routed experts on the device
+(E/4 and E/2 slots per layer, or the same bytes in one pool shared by all layers
+for smoe_release) decodes windows of held-out text
 (the shipped corpus, tokenised): the prompt prefilled, the continuation
 teacher-forced through the decode path. Each policy runs at its own setting:
 the smoe family and buddy at alpha 0.3 (buddy's alpha is its substitution
@@ -28,7 +30,7 @@ import argparse
 import os
 
 import numpy as np
-from common import DEFAULT_CHECKPOINT, build_checkpoint, write_report
+from common import DEFAULT_CHECKPOINT, build_checkpoint, routing_spread, write_report
 
 EDGE_PROFILES = ("rtx3080ti_12gb", "rtx4060ti_16gb", "a6000_48gb")
 COSTS = "rtx4060ti_16gb"
@@ -45,12 +47,23 @@ def text_windows(num: int, length: int) -> np.ndarray:
   return speed.text_windows(load_tokenizer(moejax.default_model_path()), HELDOUT, num, length)
 
 
-def run_policy(model, policy: str, slots: int, windows: np.ndarray, prompt_len: int) -> dict:
+def model_routing(model, windows: np.ndarray, prompt_len: int) -> dict:
+  """The model's own routing over the first window, computed exactly: `common.routing_spread` per MoE layer."""
+  from moejax import Engine
+
+  w = windows[:1]
+  engine = Engine(model, policy="resident", record_routing=True)
+  result = engine.generate(w[:, :prompt_len], w.shape[1] - prompt_len, forced_tokens=w[:, prompt_len:])
+  return routing_spread(result.routing, model.config.num_experts_per_tok)
+
+
+def run_policy(model, policy: str, fraction: float, windows: np.ndarray, prompt_len: int) -> dict:
+  """One policy with `fraction` of the routed experts on the device (per layer, or of all layers in a shared pool)."""
   from moejax import Engine
   from moejax.eval import speed
 
   engine = Engine(
-    model, policy=policy, alpha=SETTINGS.get(policy, 0.0), cache_slots=slots, costs=COSTS, record_routing=True
+    model, policy=policy, alpha=SETTINGS.get(policy, 0.0), cache_fraction=fraction, costs=COSTS, record_routing=True
   )
   m = speed.measure_decode(engine, windows, prompt_len, profiles=EDGE_PROFILES, target_dtype_bytes=2)
   measured = m["measured"]
@@ -80,12 +93,12 @@ def main():
 
   path = build_checkpoint(args.checkpoint)
   host = moejax.load(path, dtype="float32", experts="host")
-  e = host.config.num_experts
   windows = text_windows(args.windows, args.prompt_len + args.new_tokens)
+  spread = model_routing(host, windows, args.prompt_len)
   rows = []
-  for slots in (e // 4, e // 2):
+  for fraction in (0.25, 0.5):  # E/4 and E/2: the same bytes per layer or in one shared pool
     for policy in POLICIES:
-      rows.append(run_policy(host, policy, e if policy == "resident" else slots, windows, args.prompt_len))
+      rows.append(run_policy(host, policy, 1.0 if policy == "resident" else fraction, windows, args.prompt_len))
       r = rows[-1]
       print(
         f"{policy:12s} slots={r['cache_slots']:3d} alpha={r['alpha']:.2f} hit {r['hit_ratio']:.3f} "
@@ -103,6 +116,7 @@ def main():
     new_tokens=args.new_tokens,
     costs=COSTS,
     estimate_target_dtype_bytes=2,
+    model_routing=spread,
     rows=rows,
   )
 

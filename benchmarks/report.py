@@ -87,8 +87,8 @@ def offload_section(r: dict) -> list[str]:
     f"step-to-step reuse {min(x['reuse'] for x in layers):.2f}-{max(x['reuse'] for x in layers):.2f}"
   )
   out = [
-    f"`python benchmarks/offload_speed.py` ({_machine(r)}): every policy at cache_slots E/4 and E/2 on the 128M "
-    f"model, batch 1, {r['windows']} windows of held-out text ({r['prompt_len']} prompt tokens prefilled, "
+    f"`python benchmarks/offload_speed.py` ({_machine(r)}): every policy with a quarter and a half of the "
+    f"routed experts on the device (E/4 and E/2 slots per layer) on the 128M model, batch 1, {r['windows']} windows of held-out text ({r['prompt_len']} prompt tokens prefilled, "
     f"{r['new_tokens']} teacher-forced through the decode path). The model's own routing over that text moves "
     f"({spread}); *distinct* and *reuse* below are each row's (after substitution). Each policy at its own "
     "setting: the smoe family and buddy at alpha 0.3, cache_prior at strength log(1.3), smoe_release at its "
