@@ -224,7 +224,8 @@ class RunStats:
     out = {name: getattr(t, name).tolist() for name in LayerCounters._fields}
     out["bytes_to_device"] = ((t.demand_loads + t.prefetched + t.streamed) * expert).tolist()
     out["prefetch_bytes"] = (t.prefetched * expert).tolist()
-    out["wasted_prefetch_bytes"] = ((t.prefetched - t.prefetch_hits) * expert).tolist()
+    # Copied ahead of the layer (by its predictor, or by streaming the whole layer) and then not computed.
+    out["wasted_prefetch_bytes"] = ((t.prefetched + t.streamed - t.prefetch_hits) * expert).tolist()
     return out
 
   def summary(self) -> dict[str, Any]:

@@ -49,7 +49,8 @@ def test_every_pair_is_counted_exactly_once(host_model, policy):
   expert_bytes = config.expert_param_count() * 4
   copies = sum(per_layer["demand_loads"]) + sum(per_layer["prefetched"]) + sum(per_layer["streamed"])
   assert s["bytes_to_device"] == copies * expert_bytes
-  assert s["wasted_prefetch_bytes"] == (s["prefetch_loads"] - s["prefetch_hits"]) * expert_bytes
+  ahead = sum(per_layer["prefetched"]) + sum(per_layer["streamed"])  # copied before the layer's plan
+  assert 0 <= s["wasted_prefetch_bytes"] == (ahead - s["prefetch_hits"]) * expert_bytes
 
 
 class _RecordingOps(stages.StagedOps):
