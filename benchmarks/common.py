@@ -13,6 +13,8 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CACHE = os.path.expanduser("~/.cache/moejax")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HELDOUT = os.path.join(ROOT, "third_party", "world_english_bible", "heldout.txt")
 
 # The ~128M-parameter random Qwen2-MoE of the benchmarks: 8 layers, 32 experts, top-4, hidden 512.
 BENCH_CONFIG = dict(
@@ -77,6 +79,22 @@ def build_checkpoint(path: str = DEFAULT_CHECKPOINT) -> str:
   return build_random_checkpoint(path, BENCH_CONFIG, "float32")
 
 
+def heldout_windows(num: int, length: int) -> np.ndarray:
+  """`[num, length]` consecutive windows of the shipped held-out text, tokenised with the shipped model's tokenizer.
+
+  The same tokens as `moejax.eval.speed.text_windows` on that file, without importing moejax (and jax): the
+  transformers cases of `scale.py` measure their own process's memory.
+  """
+  import transformers
+
+  tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.join(ROOT, "moejax", "assets", "default_moe"))
+  with open(HELDOUT, encoding="utf-8") as f:
+    ids = tokenizer.encode(f.read(), add_special_tokens=False)
+  if len(ids) < num * length:
+    raise ValueError(f"{HELDOUT} has {len(ids)} tokens, fewer than {num} windows of {length}.")
+  return np.asarray(ids[: num * length], np.int32).reshape(num, length)
+
+
 def routing_spread(routing: list[dict], k: int) -> dict[str, dict]:
   """How much routing moves, from an engine run's `GenerationResult.routing` (batch 1).
 
@@ -95,18 +113,6 @@ def routing_spread(routing: list[dict], k: int) -> dict[str, dict]:
     shared = [len(set(seq[t].tolist()) & set(seq[t - 1].tolist())) / k for t in range(1, len(seq))]
     out[str(layer)] = {"distinct": len(np.unique(seq)), "reuse": float(np.mean(shared))}
   return out
-
-
-def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
-  """Bytes/s of a plain numpy copy of a buffer much larger than the caches."""
-  src = np.ones(nbytes // 4, np.float32)
-  dst = np.empty_like(src)
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    np.copyto(dst, src)
-    best = min(best, time.perf_counter() - t)
-  return nbytes / best
 
 
 def write_report(name: str, path: str, extra_versions: dict | None = None, **fields) -> dict:
@@ -145,25 +151,3 @@ def time_model_generate(model, batch: int, new_tokens: int, repeats: int = 3) ->
     model.generate(ids, new_tokens + 1)
     best = min(best, (prefill, (time.perf_counter() - t - prefill) / new_tokens), key=lambda r: r[1])
   return best
-
-
-def warm_engine_run(model, prompt: np.ndarray, new_tokens: int, repeats: int = 3, **engine_kwargs):
-  """`Engine(model, **engine_kwargs).generate(prompt, new_tokens)` after one compiling run, from a reset cache.
-
-  Of `repeats` measured runs returns the one with the fastest median decode step: this machine's
-  noise slows whole runs, not single steps.
-  """
-  from moejax.engine import Engine
-
-  engine = Engine(model, **engine_kwargs)
-  engine.generate(prompt, new_tokens)  # compile every stage at the measured lengths
-  runs = []
-  for _ in range(repeats):
-    engine.reset()
-    runs.append(engine.generate(prompt, new_tokens))
-  return min(runs, key=decode_step_s)
-
-
-def decode_step_s(result) -> float:
-  """Median steady decode step of a `GenerationResult` (the first decode step excluded)."""
-  return float(np.median([t.wall_s for t in result.trace if t.kind == "decode"][1:]))

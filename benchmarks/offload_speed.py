@@ -27,24 +27,13 @@ machine's clock.
 from __future__ import annotations
 
 import argparse
-import os
 
 import numpy as np
-from common import DEFAULT_CHECKPOINT, build_checkpoint, routing_spread, write_report
+from common import DEFAULT_CHECKPOINT, build_checkpoint, heldout_windows, routing_spread, write_report
 
 EDGE_PROFILES = ("rtx3080ti_12gb", "rtx4060ti_16gb", "a6000_48gb")
 COSTS = "rtx4060ti_16gb"
 SETTINGS = {"+cr": 0.3, "+pre": 0.3, "+ba": 0.3, "smoe": 0.3, "buddy": 0.3, "cache_prior": 0.3, "smoe_release": None}
-HELDOUT = os.path.join(os.path.dirname(__file__), "..", "third_party", "world_english_bible", "heldout.txt")
-
-
-def text_windows(num: int, length: int) -> np.ndarray:
-  """`[num, length]` windows of the held-out corpus, tokenised with the shipped model's tokenizer."""
-  import moejax
-  from moejax.eval import speed
-  from moejax.eval.tokenizer import load_tokenizer
-
-  return speed.text_windows(load_tokenizer(moejax.default_model_path()), HELDOUT, num, length)
 
 
 def model_routing(model, windows: np.ndarray, prompt_len: int) -> dict:
@@ -93,7 +82,7 @@ def main():
 
   path = build_checkpoint(args.checkpoint)
   host = moejax.load(path, dtype="float32", experts="host")
-  windows = text_windows(args.windows, args.prompt_len + args.new_tokens)
+  windows = heldout_windows(args.windows, args.prompt_len + args.new_tokens)
   spread = model_routing(host, windows, args.prompt_len)
   rows = []
   for fraction in (0.25, 0.5):  # E/4 and E/2: the same bytes per layer or in one shared pool

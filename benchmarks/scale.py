@@ -45,7 +45,7 @@ import tempfile
 import time
 
 import numpy as np
-from common import CACHE, build_random_checkpoint, routing_spread, write_report
+from common import CACHE, ROOT, build_random_checkpoint, heldout_windows, routing_spread, write_report
 
 SCALE_CACHE = os.path.join(CACHE, "scale")
 VOCAB = 4096  # the shipped tokenizer's: held-out text drives the decode, llama.cpp converts with it
@@ -115,7 +115,6 @@ DTYPES = ("bfloat16", "float32")
 PROMPT, NEW = 16, 32
 PROMPT_SHAPES = ((1, 16), (1, 128), (4, 16), (4, 128))
 XLA_FLAGS = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def checkpoint(model: str, dtype: str) -> str:
@@ -126,16 +125,6 @@ def checkpoint(model: str, dtype: str) -> str:
     if not os.path.exists(os.path.join(path, name)):
       shutil.copy(os.path.join(shipped, name), path)
   return path
-
-
-def heldout_tokens(batch: int, length: int) -> np.ndarray:
-  """`[batch, length]` consecutive windows of the shipped held-out text, tokenized with the shipped tokenizer."""
-  import transformers
-
-  tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.join(ROOT, "moejax", "assets", "default_moe"))
-  with open(os.path.join(ROOT, "third_party", "world_english_bible", "heldout.txt")) as f:
-    ids = tokenizer(f.read()[:200_000])["input_ids"]
-  return np.asarray(ids[: batch * length], np.int32).reshape(batch, length)
 
 
 # ----------------------------------------------------------------------------
@@ -165,7 +154,7 @@ def case_engine(path: str, dtype: str, policy: str) -> dict:
   from moejax.engine import Engine
 
   jax.numpy.zeros(1).block_until_ready()
-  ids = heldout_tokens(1, PROMPT + NEW)
+  ids = heldout_windows(1, PROMPT + NEW)
   base = _reset_peak()
   prompt, forced = ids[:, :PROMPT], ids[:, PROMPT:]
   t = time.perf_counter()
@@ -224,7 +213,7 @@ def case_transformers(path: str, dtype: str, threads: int) -> dict:
   import transformers
 
   torch.set_num_threads(threads)
-  ids = torch.from_numpy(heldout_tokens(1, PROMPT + NEW).astype(np.int64))
+  ids = torch.from_numpy(heldout_windows(1, PROMPT + NEW).astype(np.int64))
   base = _reset_peak()
   t = time.perf_counter()
   model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
@@ -259,7 +248,7 @@ def case_transformers(path: str, dtype: str, threads: int) -> dict:
 
 def case_prompt(path: str, dtype: str, impl: str, threads: int) -> dict:
   """The prompt pass (one forward) at `PROMPT_SHAPES`: median of 3 after a compiling / warm-up call."""
-  ids = {shape: heldout_tokens(*shape) for shape in PROMPT_SHAPES}
+  ids = {shape: heldout_windows(*shape) for shape in PROMPT_SHAPES}
   if impl == "moejax":
     import moejax
 
