@@ -25,7 +25,7 @@ from moejax.checkpoints.safetensors_io import CheckpointReader
 from moejax.models.config import MoEConfig, from_hf_config, load_hf_config_dict
 from moejax.models.decoder import Decoder
 from moejax.models.model import Model
-from moejax.models.moe import ExpertWeights
+from moejax.models.moe import ExpertWeights, stored_dtype
 
 EXPERT_PLACEMENTS = ("device", "host")
 _DTYPE_NAMES = {
@@ -66,15 +66,16 @@ def build_decoder(config: MoEConfig, reader: CheckpointReader, dtype) -> Decoder
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _write_row(stack: jax.Array, row: jax.Array, value: jax.Array) -> jax.Array:
-  """stack `[E, ...]` with `stack[row] = value` (cast), in place (the stack is donated)."""
-  return jax.lax.dynamic_update_index_in_dim(stack, value.astype(stack.dtype), row, 0)
+  """stack `[E, ...]` with `stack[row] = value`, in place (the stack is donated)."""
+  return jax.lax.dynamic_update_index_in_dim(stack, value, row, 0)
 
 
 _write_host_row = compute_on("device_host")(_write_row)
 
 
 def _experts_of_layer(reader: CheckpointReader, config: MoEConfig, layer: int, dtype, placement: str) -> ExpertWeights:
-  """The layer's routed experts `[E, ...]` in `dtype`, written expert by expert into arrays in their final memory."""
+  """The layer's routed experts `[E, ...]` in `dtype` (as stacks hold it: `moe.stored_dtype`), written expert by
+  expert into arrays in their final memory."""
   e, d, f = config.num_experts, config.hidden_size, config.moe_intermediate_size
   device = jax.devices()[0]
   if placement == "host":
@@ -82,12 +83,12 @@ def _experts_of_layer(reader: CheckpointReader, config: MoEConfig, layer: int, d
   else:
     sharding, write = jax.sharding.SingleDeviceSharding(device), _write_row
   # np.zeros maps zero pages lazily: only the final arrays' own pages are ever written.
-  stacks = [jax.device_put(np.zeros(shape, dtype), sharding) for shape in ((e, f, d), (e, f, d), (e, d, f))]
+  held = stored_dtype(dtype)
+  stacks = [jax.device_put(np.zeros(shape, held), sharding) for shape in ((e, f, d), (e, f, d), (e, d, f))]
   for j in range(e):
     row = jnp.int32(j)
-    stacks = [
-      write(s, row, jax.device_put(t, sharding)) for s, t in zip(stacks, expert_tensors(reader, config, layer, j))
-    ]
+    tensors = (t.astype(dtype, copy=False).view(held) for t in expert_tensors(reader, config, layer, j))
+    stacks = [write(s, row, jax.device_put(t, sharding)) for s, t in zip(stacks, tensors)]
     jax.block_until_ready(stacks)  # one expert in flight: its buffers are freed before the next is read
   return ExpertWeights(*stacks)
 

@@ -19,7 +19,7 @@ from flax import nnx
 from moejax.models.config import MoEConfig
 from moejax.models.decoder import Decoder
 from moejax.models.model import Model
-from moejax.models.moe import ExpertWeights
+from moejax.models.moe import ExpertWeights, as_stored, values
 
 _CONFIG = "moejax_config.json"
 _STATE = "state"
@@ -39,7 +39,9 @@ def save(model: Model, path: str | os.PathLike) -> None:
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, _CONFIG), "w") as f:
     json.dump(dataclasses.asdict(model.config), f, indent=2)
-  experts = {str(l): ExpertWeights(*(jnp.asarray(a) for a in w)) for l, w in enumerate(model.experts) if w is not None}
+  experts = {
+    str(l): values(ExpertWeights(*(jnp.asarray(a) for a in w))) for l, w in enumerate(model.experts) if w is not None
+  }
   tree = {"decoder": nnx.to_pure_dict(model.state), "experts": experts}
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(os.path.join(path, _STATE), tree, force=True)
@@ -68,6 +70,6 @@ def restore(path: str | os.PathLike, experts: str = "device") -> Model:
   routed: list[ExpertWeights | None] = [None] * config.num_layers
   pinned = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
   for layer, w in tree["experts"].items():
-    w = ExpertWeights(**w) if isinstance(w, dict) else ExpertWeights(*w)
+    w = ExpertWeights(*(as_stored(a) for a in (ExpertWeights(**w) if isinstance(w, dict) else w)))
     routed[int(layer)] = jax.device_put(w, pinned) if experts == "host" else w
   return Model(config, decoder, routed)

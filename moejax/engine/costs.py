@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.models.config import MoEConfig
-from moejax.models.moe import ExpertWeights
+from moejax.models.moe import ExpertWeights, value_dtype
 from moejax.offload import slots
 from moejax.offload.cpu import host_experts
 from moejax.scheduling import balance
@@ -89,7 +89,7 @@ def calibrate(config: MoEConfig, store: ExpertWeights, repeats: int = 5) -> bala
   """
   k = config.num_experts_per_tok
   ids = jnp.arange(k, dtype=jnp.int32)
-  dtype = store.gate.dtype
+  dtype = value_dtype(store.gate.dtype)
   scratch = [slots.empty_slots(config, k, dtype)]
   x = jnp.zeros((1, config.hidden_size), dtype)
   cpu = jax.jit(host_experts, static_argnames="act")

@@ -18,7 +18,7 @@ import numpy as np
 from moejax.engine import Engine
 from moejax.models import decoder as decoder_lib
 from moejax.models.model import Model, prompt_positions
-from moejax.models.moe import ExpertWeights
+from moejax.models.moe import ExpertWeights, values
 from moejax.scheduling import similarity
 
 
@@ -94,12 +94,12 @@ def build_similarity(
   if source == "router":
     mats = [similarity.build("router", model.decoder.layers[l].mlp.router.weight[...]) for l in layers]
   elif source == "weight":
-    mats = [similarity.build("weight", *_layer_experts(model, l)) for l in layers]
+    mats = [similarity.build("weight", *values(_layer_experts(model, l))) for l in layers]
   elif source == "output":
     if calibration_ids is None:
       raise ValueError("source 'output' needs calibration_ids [B, T].")
     xs = expert_inputs(model, calibration_ids)
-    mats = [similarity.build("output", xs[l], *_layer_experts(model, l), act=config.hidden_act) for l in layers]
+    mats = [similarity.build("output", xs[l], *values(_layer_experts(model, l)), act=config.hidden_act) for l in layers]
   elif source == "coactivation":
     if routing is None:
       if calibration_ids is None:

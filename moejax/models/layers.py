@@ -270,6 +270,17 @@ def dot_product_attention(q, k, v, mask, scale: float) -> jax.Array:
   return out.reshape(b, t, h, v.shape[-1])
 
 
+def merge_heads(out: jax.Array) -> jax.Array:
+  """`[B, T, H, Dv]` -> `[B, T, H * Dv]`, as an array of its own shape (the heads concatenated).
+
+  A reshape is free, but XLA:CPU then reads the output projection's row
+  through the `[H, Dv]` indexing of the attention's result, element by
+  element: the one-row product of decode ran ~4-10x slower (1.8 ms instead of
+  0.2 ms for a 2048 x 2048 bfloat16 matrix here).
+  """
+  return jnp.concatenate([out[:, :, i] for i in range(out.shape[2])], axis=-1)
+
+
 class Attention(nnx.Module):
   """Multi-head / grouped-query attention with rotary embeddings and optional q/k norms."""
 
@@ -314,4 +325,4 @@ class Attention(nnx.Module):
     cache = update_cache(cache, k, v, inputs.token_valid, inputs.index)
     mask = attention_mask(inputs, cache, self.window)
     out = dot_product_attention(q, cache.k, cache.v, mask, self.head_dim**-0.5)
-    return self.o_proj(out.reshape(b, t, -1)), cache
+    return self.o_proj(merge_heads(out)), cache

@@ -30,6 +30,7 @@ from moejax.models.layers import (
   apply_rope,
   attention_mask,
   dot_product_attention,
+  merge_heads,
   update_cache,
   yarn_get_mscale,
 )
@@ -97,4 +98,4 @@ class MLAttention(nnx.Module):
     cache = update_cache(cache, k, kv[..., self.nope :], inputs.token_valid, inputs.index)
     mask = attention_mask(inputs, cache, window=None)
     out = dot_product_attention(q, cache.k, cache.v, mask, self.scale)
-    return self.o_proj(out.reshape(b, t, h * self.v_dim)), cache
+    return self.o_proj(merge_heads(out)), cache

@@ -20,7 +20,7 @@ from moejax import validation
 from moejax.models import decoder as decoder_lib
 from moejax.models.compile import compiler_options
 from moejax.models.config import MoEConfig
-from moejax.models.moe import ExpertWeights
+from moejax.models.moe import ExpertWeights, as_stored
 
 
 def prompt_positions(attention_mask: jax.Array) -> jax.Array:
@@ -81,13 +81,15 @@ class Model:
   Attributes:
     config: the `MoEConfig`.
     decoder: NNX module with all non-routed parameters.
-    experts: per layer, `ExpertWeights` `[E, ...]` (None for dense layers).
+    experts: per layer, `ExpertWeights` `[E, ...]` (None for dense layers);
+      bfloat16 experts held as uint16 bit patterns (`moe.stored`; read the
+      weights with `moe.values`).
   """
 
   def __init__(self, config: MoEConfig, decoder: decoder_lib.Decoder, experts: Sequence[ExpertWeights | None]):
     self.config = config
     self.decoder = decoder
-    self.experts = list(experts)
+    self.experts = [None if w is None else ExpertWeights(*(as_stored(a) for a in w)) for w in experts]
     self.graphdef, self.state = nnx.split(decoder)
 
   @property

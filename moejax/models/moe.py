@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from moejax.models.config import MoEConfig
@@ -28,8 +29,12 @@ from moejax.models.layers import MLP, Linear, activation, linear
 class ExpertWeights(NamedTuple):
   """Stacked routed-expert weights: gate `[S, F, D]`, up `[S, F, D]`, down `[S, D, F]` (`[out, in]` per expert).
 
-  In device cache slots, bfloat16 weights are held as their uint16 bit
-  patterns (see `moejax.offload.slots`); `expert` reads either.
+  Wherever stacks live (a resident model, the host store, device cache
+  slots), bfloat16 weights are held as their uint16 bit patterns (`stored`):
+  XLA:CPU widens bfloat16 data movement to float32, so slicing one expert out
+  of a bfloat16 stack cost a float32 copy of it (a third of the memory
+  bandwidth per expert, and whole-buffer rewrites when filling a slot).
+  `expert` reads an expert back as bfloat16; `values` reads whole stacks.
   """
 
   gate: jax.Array
@@ -37,10 +42,41 @@ class ExpertWeights(NamedTuple):
   down: jax.Array
 
 
+def stored(a: jax.Array) -> jax.Array:
+  """An expert array as stacks hold it: bfloat16 as its uint16 bit pattern, other dtypes as they are (traceable)."""
+  return jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.bfloat16 else a
+
+
+def as_stored(a):
+  """A concrete array (numpy or JAX) as stacks hold it, in the same memory; only bfloat16 arrays are copied."""
+  if np.dtype(a.dtype) != jnp.bfloat16:
+    return a
+  bits = np.asarray(a).view(np.uint16)
+  return jax.device_put(bits, a.sharding) if isinstance(a, jax.Array) else bits
+
+
+def stored_dtype(dtype) -> np.dtype:
+  """The dtype in which stacks hold experts of `dtype` (uint16 for bfloat16)."""
+  return np.dtype(np.uint16) if np.dtype(dtype) == jnp.bfloat16 else np.dtype(dtype)
+
+
+def value_dtype(dtype) -> np.dtype:
+  """The dtype of the weights a stack of `dtype` holds (bfloat16 for uint16)."""
+  return np.dtype(jnp.bfloat16) if np.dtype(dtype) == np.uint16 else np.dtype(dtype)
+
+
+def _value(a: jax.Array) -> jax.Array:
+  return jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a
+
+
+def values(weights: ExpertWeights) -> ExpertWeights:
+  """Whole stacks as their weights (uint16 read as bfloat16; traceable): for computations over every expert."""
+  return ExpertWeights(*(_value(a) for a in weights))
+
+
 def expert(weights: ExpertWeights, slot: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The (gate `[F, D]`, up `[F, D]`, down `[D, F]`) of one slot; uint16 buffers are read as bfloat16."""
-  out = (jax.lax.dynamic_index_in_dim(w, slot, keepdims=False) for w in weights)
-  return tuple(jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a for a in out)
+  """The (gate `[F, D]`, up `[F, D]`, down `[D, F]`) of one slot; uint16 stacks are read as bfloat16."""
+  return tuple(_value(jax.lax.dynamic_index_in_dim(w, slot, keepdims=False)) for w in weights)
 
 
 class Router(nnx.Module):

@@ -36,9 +36,11 @@ def host_experts(
     act: activation name.
 
   Returns:
-    `[N, D]` float32: sum over the CPU pairs of mix * expert(x).
+    `[N, D]` float32: sum over the CPU pairs of mix * expert(x) (accumulated in
+    float32 and rounded to x's dtype, as the resident path's sum is).
   """
   to_host = lambda a: jax.device_put(a, jax.memory.Space.Host)
   pairs = jnp.where(on_cpu, experts, -1)
-  y = _on_host(to_host(x.astype(jnp.float32)), store, to_host(pairs), to_host(mix), act=act)
-  return jax.device_put(y, jax.memory.Space.Device)
+  # x keeps its dtype: the products are the resident path's (a float32 x made bfloat16 products ~15% slower)
+  y = _on_host(to_host(x), store, to_host(pairs), to_host(mix), act=act)
+  return jax.device_put(y, jax.memory.Space.Device).astype(jnp.float32)

@@ -7,10 +7,11 @@ scheduler state (`moejax.scheduling.CacheState`); this module owns only the
 buffers, the in-place copies that fill slots from the host store, and how many
 slots a budget buys.
 
-bfloat16 slots are held as their bit patterns (uint16; `routed_experts` reads
-them as bfloat16): XLA:CPU widens bfloat16 data movement to float32, so writing
-one expert into a bfloat16 buffer rewrote the whole buffer, twice, where a
-uint16 buffer is written in place (4-5x faster fills at real expert sizes).
+bfloat16 slots are held as their bit patterns (uint16, like every expert stack:
+`moejax.models.moe.ExpertWeights`): XLA:CPU widens bfloat16 data movement to
+float32, so writing one expert into a bfloat16 buffer rewrote the whole buffer,
+twice, where a uint16 buffer is written in place (4-5x faster fills at real
+expert sizes).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.models.config import MoEConfig
-from moejax.models.moe import ExpertWeights
+from moejax.models.moe import ExpertWeights, stored, stored_dtype
 
 
 def fill_slots(buffers: ExpertWeights, source: ExpertWeights, experts: jax.Array, slots: jax.Array) -> ExpertWeights:
@@ -42,7 +43,7 @@ def fill_slots(buffers: ExpertWeights, source: ExpertWeights, experts: jax.Array
         *(
           jax.lax.dynamic_update_index_in_dim(
             b,
-            _as_slot(jax.device_put(jax.lax.dynamic_index_in_dim(w, e, keepdims=True), jax.memory.Space.Device)),
+            stored(jax.device_put(jax.lax.dynamic_index_in_dim(w, e, keepdims=True), jax.memory.Space.Device)),
             s,
             0,
           )
@@ -59,15 +60,10 @@ write_slots = jax.jit(fill_slots, donate_argnums=0)
 """`fill_slots` as its own jitted call (buffers donated: updated in place)."""
 
 
-def _as_slot(a: jax.Array) -> jax.Array:
-  """An expert as a slot buffer holds it: bfloat16 as its bit pattern (uint16), other dtypes as they are."""
-  return jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.bfloat16 else a
-
-
 def empty_slots(config: MoEConfig, num_slots: int, dtype, device=None) -> ExpertWeights:
   """Zeroed slot buffers: gate/up `[S, F, D]`, down `[S, D, F]` (bfloat16 held as uint16 bits)."""
   d, f = config.hidden_size, config.moe_intermediate_size
-  dtype = jnp.uint16 if jnp.dtype(dtype) == jnp.bfloat16 else dtype
+  dtype = stored_dtype(dtype)
   with jax.default_device(device or jax.devices()[0]):
     return ExpertWeights(
       jnp.zeros((num_slots, f, d), dtype), jnp.zeros((num_slots, f, d), dtype), jnp.zeros((num_slots, d, f), dtype)

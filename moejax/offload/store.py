@@ -1,7 +1,7 @@
 """Host expert store: every routed expert of every MoE layer, in page-locked host memory.
 
 Weights are stacked per layer as gate/up `[E, F, D]`, down `[E, D, F]` JAX
-arrays in the `pinned_host` memory kind. The engine's jitted step reads them
+arrays in the `pinned_host` memory kind (bfloat16 as uint16 bits, `moe.stored`). The engine's jitted step reads them
 in place: a copy into the device cache slices one expert from the store and
 moves it to device memory (`moejax.offload.slots.fill_slots`; a DMA transfer
 on a GPU), and CPU experts compute on the host directly from it
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import jax
 
-from moejax.models.moe import ExpertWeights
+from moejax.models.moe import ExpertWeights, as_stored
 
 
 class HostExpertStore:
@@ -35,6 +35,7 @@ class HostExpertStore:
     pinned = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
 
     def place(a):  # arrays already pinned on this device are kept, not copied
+      a = as_stored(a)
       return a if isinstance(a, jax.Array) and a.sharding == pinned else jax.device_put(a, pinned)
 
     self.layers = [None if w is None else ExpertWeights(*(place(a) for a in w)) for w in experts]

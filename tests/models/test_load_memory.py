@@ -26,6 +26,7 @@ RUNTIME_SLACK = 16 * 2**20
 _MEASURE = r"""
 import json, sys
 import moejax
+from moejax.models.moe import value_dtype
 
 def status(field):
   with open("/proc/self/status") as f:
@@ -37,7 +38,7 @@ with open("/proc/self/clear_refs", "w") as f:
 base = status("VmRSS:")
 model = moejax.load(sys.argv[1], experts="host", progress=False)
 print(json.dumps({"peak_growth": status("VmHWM:") - base, "dtype": str(model.dtype),
-                  "expert_dtype": str(model.experts[0].gate.dtype),
+                  "expert_dtype": str(value_dtype(model.experts[0].gate.dtype)),
                   "memory_kind": model.experts[0].gate.sharding.memory_kind}))
 """
 

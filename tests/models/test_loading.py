@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 
+import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -15,6 +16,7 @@ from safetensors.numpy import load_file, save_file
 import moejax
 from moejax.checkpoints.safetensors_io import CheckpointError
 from moejax.models.config import SUPPORTED_MODEL_TYPES, UnsupportedModelError
+from moejax.models.moe import values
 from tests.models.hf_utils import build_hf_model
 from tests.models.test_parity import CASES, NEW, PROMPT, _ids
 
@@ -160,7 +162,13 @@ def test_sharded_checkpoint_loads_identically(checkpoint, tmp_path):
 
 def test_bfloat16_is_close_to_float32(checkpoint):
   model = moejax.load(checkpoint[0], dtype="bfloat16")
-  assert model.dtype == np.dtype("bfloat16") and model.experts[0].gate.dtype == np.dtype("bfloat16")
+  assert model.dtype == np.dtype("bfloat16")
+  # bf16 experts are held as their uint16 bits, which are the rounded float32 weights
+  assert model.experts[0].gate.dtype == np.uint16
+  f32 = moejax.load(checkpoint[0], dtype="float32")
+  np.testing.assert_array_equal(
+    np.asarray(values(model.experts[0]).down), np.asarray(f32.experts[0].down).astype(ml_dtypes.bfloat16)
+  )
   logits = np.asarray(model.forward(_ids(PROMPT + NEW, 97)))
   ref = checkpoint[1]
   assert logits.dtype == np.float32
