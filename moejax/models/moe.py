@@ -153,8 +153,11 @@ def _expert_ffn(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, a
   return linear(activation(act)(linear(x, gate)) * linear(x, up), down)
 
 
-# Up to this many (token, expert) pairs, `routed_experts` reads one expert per pair; above it, it groups them.
+# `routed_experts` reads one expert per (token, expert) pair up to 64 pairs, or up to this many pairs per slot
+# on average: a grouped block widens its expert to a float32 copy before its product, so one-row products win while
+# an expert serves fewer than ~8 tokens (float32) or ~16 (bfloat16, held as uint16), measured on 17 MB experts.
 _PAIRWISE_MAX = 64
+_PAIRWISE_PER_SLOT = {np.dtype(np.float32): 8, np.dtype(np.uint16): 16}
 
 
 def routed_experts(
@@ -172,13 +175,14 @@ def routed_experts(
   Returns:
     `[N, D]` in the dtype of x.
 
-  Few pairs (decode) run one expert per pair, a loop of one-row products
-  that read only the chosen experts' weights (skipped pairs read none); many
-  (prefill) are grouped by slot (`_grouped_experts`), so an expert's weights
-  are read once per block of its tokens.
+  Few pairs (decode, short prompts) run one expert per pair, a loop of
+  one-row products that read only the chosen experts' weights (skipped pairs
+  read none); many (long prompts) are grouped by slot (`_grouped_experts`),
+  so an expert's weights are read once per block of its tokens.
   """
   n, k = slots.shape
-  if n * k > _PAIRWISE_MAX:
+  num_slots, per_slot = weights.gate.shape[0], _PAIRWISE_PER_SLOT.get(np.dtype(weights.gate.dtype), 0)
+  if n * k > max(_PAIRWISE_MAX, per_slot * num_slots):
     return _grouped_experts(x, weights, slots, mix, act)
   return pairwise_experts(x, weights, slots, mix, act)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from moejax.models import layers
-from moejax.models.moe import ExpertWeights, routed_experts
+from moejax.models.moe import ExpertWeights, routed_experts, stored
 
 S, D, F = 7, 24, 10
 
@@ -31,9 +31,12 @@ def _brute_force(x, w: ExpertWeights, slots, mix) -> np.ndarray:
   return out
 
 
-@pytest.mark.parametrize("tokens", [3, 40], ids=["one_expert_per_pair", "grouped_by_slot"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("tokens", [3, 80], ids=["one_expert_per_pair", "grouped_by_slot"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, "bf16_bits"], ids=["f32", "bf16", "bf16_held_as_bits"])
 def test_routed_experts_match_brute_force(tokens, dtype):
+  """Both paths (80 tokens x 2 pairs is over the one-row limit of 7 slots in every dtype) on either kind of stack."""
+  held_as_bits = dtype == "bf16_bits"
+  dtype = jnp.bfloat16 if held_as_bits else dtype
   rng = np.random.default_rng(1)
   k = 2
   slots = rng.integers(0, S, (tokens, k)).astype(np.int32)
@@ -42,7 +45,9 @@ def test_routed_experts_match_brute_force(tokens, dtype):
   mix = rng.random((tokens, k)).astype(np.float32)
   x = jnp.asarray(rng.standard_normal((tokens, D)), dtype)
   w = _weights(dtype)
-  got = jax.jit(routed_experts)(x, w, jnp.asarray(slots), jnp.asarray(mix))
+  stack = ExpertWeights(*(stored(a) for a in w)) if held_as_bits else w
+  assert (stack.gate.dtype == jnp.uint16) == held_as_bits
+  got = jax.jit(routed_experts)(x, stack, jnp.asarray(slots), jnp.asarray(mix))
   assert got.dtype == dtype
   want = _brute_force(x, w, slots, mix)
   tol = 1e-5 if dtype == jnp.float32 else 0.02  # bf16: the hidden activations are rounded to 8 bits
