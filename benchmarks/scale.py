@@ -290,7 +290,7 @@ def case_llama(path: str, dtype: str, threads: int, keep: bool) -> dict:
   return {"impl": f"llama.cpp (GGUF {outtype})", "ttft_s": r["ttft_s"], "tpot_s": r["tpot_s"], "build": r["build"]}
 
 
-def case_paths(path: str, dtype: str, repeats: int = 9) -> dict:
+def case_paths(path: str, dtype: str, repeats: int = 25) -> dict:
   """Per-byte speed of the three ways a step gets k experts' work done, alternated in one process (medians).
 
   resident: `routed_experts` of one token's k pairs from device arrays; cpu:
