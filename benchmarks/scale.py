@@ -29,7 +29,7 @@ Goals of the issue are evaluated from the rows and written with the JSON
 section. moejax's processes run with the documented XLA:CPU flag
 (`moejax.models.compile`) so that the engine's programs get it too.
 
-  python benchmarks/scale.py                      # everything (about an hour here)
+  python benchmarks/scale.py                      # everything (about 20 minutes here, checkpoints built)
   python benchmarks/scale.py --models qwen_a27b_2l --dtypes bfloat16 --no-llama_cpp
 """
 

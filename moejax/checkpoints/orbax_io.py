@@ -19,7 +19,7 @@ from flax import nnx
 from moejax.models.config import MoEConfig
 from moejax.models.decoder import Decoder
 from moejax.models.model import Model
-from moejax.models.moe import ExpertWeights, as_stored, values
+from moejax.models.moe import ExpertWeights, values
 
 _CONFIG = "moejax_config.json"
 _STATE = "state"
@@ -70,6 +70,6 @@ def restore(path: str | os.PathLike, experts: str = "device") -> Model:
   routed: list[ExpertWeights | None] = [None] * config.num_layers
   pinned = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
   for layer, w in tree["experts"].items():
-    w = ExpertWeights(*(as_stored(a) for a in (ExpertWeights(**w) if isinstance(w, dict) else w)))
+    w = ExpertWeights(**w) if isinstance(w, dict) else ExpertWeights(*w)  # `Model` holds bf16 as bits
     routed[int(layer)] = jax.device_put(w, pinned) if experts == "host" else w
   return Model(config, decoder, routed)
