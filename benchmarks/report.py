@@ -225,7 +225,8 @@ def scale_section(r: dict) -> list[str]:
         if load is not None and load > busy
         else ""
       )
-      out.append(f"- {g['goal']}: {value} (goal <= {g['bound']}): {state}{noisy}")
+      note = f" ({g['note']})" if g.get("note") else ""
+      out.append(f"- {g['goal']}: {value} (goal <= {g['bound']}): {state}{note}{noisy}")
     out.append("")
   rows = []
   for row in r["rows"]:

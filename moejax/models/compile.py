@@ -1,8 +1,9 @@
 """How moejax's programs are compiled: XLA:CPU options, and JAX's persistent compilation cache.
 
+Outside its bfloat16 GEMM (products of several rows, `moejax.models.layers.linear`)
 XLA:CPU has no bfloat16 arithmetic: a pass ("float normalization") widens
-every bfloat16 operand of a product, and of the slices and reshapes before
-it, to float32. Inside a loop (the decode loop over steps, the loop over an
+bfloat16 operands of a product, and of the slices and reshapes before it,
+to float32. Inside a loop (the decode loop over steps, the loop over an
 MoE layer's (token, expert) pairs) that widening of a loop-invariant weight
 is then hoisted out of the loop by while-loop-invariant code motion, which
 materialises a float32 copy of every weight, and of *every* expert of a

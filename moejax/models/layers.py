@@ -51,11 +51,16 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
   slower in bfloat16. A one-row product (decode) is summed over column blocks
   of at most `_ROW_CHUNK` inputs, each kept a separate fused loop by an
   optimization barrier, which also keeps a following bias add or sum out of
-  it (either would make XLA copy w transposed first).
+  it (either would make XLA copy w transposed first). Several rows (prompts,
+  grouped experts) contract the last axes of x and w directly: written as
+  `x @ w.T` on a 2-D x, XLA:CPU runs a bfloat16 product through its generic
+  loop (~90 GFLOP/s here for 128 x 2048 x 5632) instead of its bfloat16 GEMM
+  (~330 GFLOP/s).
   """
   d_in = w.shape[-1]
   if math.prod(x.shape[:-1]) != 1:
-    return jnp.matmul(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+    dims = (((x.ndim - 1,), (1,)), ((), ()))
+    return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32).astype(x.dtype)
   parts = [
     jnp.matmul(x[..., s : s + _ROW_CHUNK], w[:, s : s + _ROW_CHUNK].T, preferred_element_type=jnp.float32)
     for s in range(0, d_in, _ROW_CHUNK)
