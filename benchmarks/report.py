@@ -308,7 +308,7 @@ def scale_section(r: dict) -> list[str]:
     ]
   prompt = r.get("prompt_rows", [])
   if prompt:
-    out += ["", "Prompt pass (one forward; median of 3):", ""]
+    out += ["", "Prompt pass (one forward; median of 5):", ""]
     rows = []
     for dtype in sorted({p["dtype"] for p in prompt}):
       ours = next((p for p in prompt if p["dtype"] == dtype and p.get("impl") == "moejax" and "prompt_s" in p), None)
