@@ -26,6 +26,7 @@ from moejax.models.layers import (
   Linear,
   RMSNorm,
   attention_inputs,
+  linear,
 )
 
 
@@ -77,7 +78,7 @@ class DecoderLayer(nnx.Module):
 def lm_logits(norm: RMSNorm, lm_head: Linear | None, embed_table: jax.Array, h: jax.Array) -> jax.Array:
   """Final norm and LM head: h `[B, T, D]` -> logits `[B, T, V]` float32 (tied to the embedding without a head)."""
   h = norm(h)
-  out = h @ embed_table.T if lm_head is None else lm_head(h)
+  out = linear(h, embed_table) if lm_head is None else lm_head(h)
   return out.astype(jnp.float32)
 
 
