@@ -330,9 +330,11 @@ def case_paths(path: str, dtype: str, repeats: int = 25) -> dict:
   stacks = [np.asarray(a) for a in store]  # host copies: a numpy source and destination of the store's shapes
   dst = [np.empty((c.num_experts // 4, *a.shape[1:]), a.dtype) for a in stacks]
 
+  order = list(enumerate(np.asarray(ids)))  # (slot, expert)
+
   def memcpy():
     for a, b in zip(stacks, dst):
-      for slot, e in enumerate(np.asarray(ids)):
+      for slot, e in order:
         b[slot] = a[e]
 
   paths = {

@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from moejax.models.moe import ExpertWeights, as_stored
 
@@ -35,7 +37,8 @@ class HostExpertStore:
     pinned = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
 
     def place(a):  # arrays already pinned on this device are kept, not copied
-      a = as_stored(a)
+      if np.dtype(a.dtype) == jnp.bfloat16:  # its bits, viewed on the host: one copy into pinned memory below
+        a = as_stored(np.asarray(a))
       return a if isinstance(a, jax.Array) and a.sharding == pinned else jax.device_put(a, pinned)
 
     self.layers = [None if w is None else ExpertWeights(*(place(a) for a in w)) for w in experts]
