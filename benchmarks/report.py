@@ -14,6 +14,8 @@ import argparse
 import json
 import os
 
+from moejax.eval.readme import replace_between
+
 BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
 EDGE = (("rtx3080ti_12gb", "RTX 3080 Ti"), ("rtx4060ti_16gb", "RTX 4060 Ti"), ("a6000_48gb", "A6000"))
 
@@ -308,7 +310,9 @@ def scale_section(r: dict) -> list[str]:
     ]
   prompt = r.get("prompt_rows", [])
   if prompt:
-    out += ["", "Prompt pass (one forward; median of 5):", ""]
+    runs = {len(t) for p in prompt for t in p.get("prompt_runs_s", {}).values()}
+    counted = f"median of {'/'.join(map(str, sorted(runs)))} runs, range in parentheses" if runs else "median"
+    out += ["", f"Prompt pass (one forward; {counted}):", ""]
     rows = []
     for dtype in sorted({p["dtype"] for p in prompt}):
       ours = next((p for p in prompt if p["dtype"] == dtype and p.get("impl") == "moejax" and "prompt_s" in p), None)
@@ -323,8 +327,8 @@ def scale_section(r: dict) -> list[str]:
             prompt[0]["model"],
             dtype,
             shape,
-            _ms(ours["prompt_s"][shape]),
-            _ms(hf["prompt_s"][shape]),
+            _prompt_ms(ours, shape),
+            _prompt_ms(hf, shape),
             f"{ours['prompt_s'][shape] / hf['prompt_s'][shape]:.2f}x",
           ]
         )
@@ -332,6 +336,13 @@ def scale_section(r: dict) -> list[str]:
       ["model", "dtype", "batch x tokens", "moejax (ms)", "transformers (ms)", "moejax / transformers"], rows
     )
   return out + [""]
+
+
+def _prompt_ms(row: dict, shape: str) -> str:
+  """A prompt row's median time at `shape` in ms, with the range of its runs where the JSON has them."""
+  runs = row.get("prompt_runs_s", {}).get(shape)
+  spread = f" ({min(runs) * 1e3:.0f}-{max(runs) * 1e3:.0f})" if runs else ""
+  return _ms(row["prompt_s"][shape]) + spread
 
 
 def goals_section(results: str) -> list[str]:
@@ -383,14 +394,7 @@ def main():
   parser.add_argument("--results", default="benchmarks/results")
   parser.add_argument("--readme", default="README.md")
   args = parser.parse_args()
-  with open(args.readme) as f:
-    text = f.read()
-  if BEGIN not in text or END not in text:
-    raise SystemExit(f"{args.readme} has no {BEGIN} ... {END} markers to replace.")
-  head, rest = text.split(BEGIN, 1)
-  _, tail = rest.split(END, 1)
-  with open(args.readme, "w") as f:
-    f.write(head + BEGIN + "\n" + render(args.results) + "\n" + END + tail)
+  replace_between(args.readme, BEGIN, END, render(args.results))
   print(f"wrote the performance section of {args.readme}")
 
 

@@ -114,6 +114,7 @@ POLICIES = ("resident", "lru", "smoe")
 DTYPES = ("bfloat16", "float32")
 PROMPT, NEW = 16, 32
 PROMPT_SHAPES = ((1, 16), (1, 128), (4, 16), (4, 128))
+PROMPT_RUNS = 5  # timed prompt passes per shape, after a compiling / warm-up call
 XLA_FLAGS = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
 
 
@@ -247,7 +248,7 @@ def case_transformers(path: str, dtype: str, threads: int) -> dict:
 
 
 def case_prompt(path: str, dtype: str, impl: str, threads: int) -> dict:
-  """The prompt pass (one forward) at `PROMPT_SHAPES`: median of 5 after a compiling / warm-up call."""
+  """The prompt pass (one forward) at `PROMPT_SHAPES`: each shape's `PROMPT_RUNS` times and their median."""
   ids = {shape: heldout_windows(*shape) for shape in PROMPT_SHAPES}
   if impl == "moejax":
     import moejax
@@ -265,16 +266,16 @@ def case_prompt(path: str, dtype: str, impl: str, threads: int) -> dict:
       with torch.no_grad():
         return hf(torch.from_numpy(x.astype(np.int64))).logits
 
-  out = {}
-  for shape, x in ids.items():
+  median, runs = {}, {}
+  for (batch, length), x in ids.items():
     run(x)
     times = []
-    for _ in range(5):
+    for _ in range(PROMPT_RUNS):
       t = time.perf_counter()
       run(x)
       times.append(time.perf_counter() - t)
-    out[f"{shape[0]}x{shape[1]}"] = float(np.median(times))
-  return {"impl": impl, "prompt_s": out}
+    median[f"{batch}x{length}"], runs[f"{batch}x{length}"] = float(np.median(times)), times
+  return {"impl": impl, "prompt_s": median, "prompt_runs_s": runs}
 
 
 def case_llama(path: str, dtype: str, threads: int, keep: bool) -> dict:
