@@ -16,6 +16,12 @@ byte-level BPE tokenizer, and the pre-tokenizer is declared "qwen2". Token
 ids are only fed to the model (llama-bench draws random ids), so the
 tokenizer does not affect the timing.
 
+Second workaround: llama.cpp tells a DeepSeek-V2 checkpoint without a query
+LoRA (V2-Lite) by its layer count (26 or 27) and otherwise requires the key
+`q_lora_rank`, which the converter writes only when the config has one. The
+conversion writes `q_lora_rank = 0` for such a config, which llama.cpp's
+loader reads as "no query LoRA", so the 2-layer V2-Lite shape loads.
+
   python benchmarks/llama_cpp.py --checkpoint ~/.cache/moejax/bench_qwen2_moe_128m
 """
 
@@ -34,13 +40,20 @@ CACHE = os.path.expanduser("~/.cache/moejax/llama_cpp")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 # Run in a subprocess with the vendored llama.cpp directory as cwd: patches the
-# pre-tokenizer check (see the module docstring), then runs the converter.
+# pre-tokenizer check and V2-Lite's q_lora_rank (see the module docstring), then runs the converter.
 _CONVERT = """
 import sys
 sys.path.insert(0, '.')
 sys.path.insert(1, 'gguf-py')
 from conversion import base
 base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'qwen2'
+from conversion import deepseek
+_set_params = deepseek.DeepseekV2Model.set_gguf_parameters
+def _with_q_lora_rank(self):
+  _set_params(self)
+  if self.hparams.get('q_lora_rank') is None:
+    self.gguf_writer.add_q_lora_rank(0)
+deepseek.DeepseekV2Model.set_gguf_parameters = _with_q_lora_rank
 import convert_hf_to_gguf
 sys.argv = ['convert_hf_to_gguf.py', sys.argv[1], '--outtype', sys.argv[3], '--outfile', sys.argv[2]]
 convert_hf_to_gguf.main()

@@ -23,13 +23,17 @@ RSS is its own) and measures, decode driven by teacher-forced held-out text
   `benchmarks/llama_cpp.py`; the GGUF is deleted afterwards unless
   `--keep_gguf`);
 - the prompt pass (one forward of batch 1 and 4 x 16 and 128 tokens): moejax
-  `Model.forward` and transformers, on the 2-layer A2.7B shape.
+  `Model.forward` and transformers, on the 2-layer A2.7B shape;
+- `--paired` rounds on the 2-layer A2.7B shape: moejax resident and
+  llama.cpp alternated (a process each), and moejax resident, lru and smoe
+  alternated in one process; the goals against llama.cpp and against
+  resident are the medians of the rounds' ratios.
 Goals of the issue are evaluated from the rows and written with the JSON
 (`benchmarks/results/scale.json`); `benchmarks/report.py` writes the README
 section. moejax's processes run with the documented XLA:CPU flag
 (`moejax.models.compile`) so that the engine's programs get it too.
 
-  python benchmarks/scale.py                      # everything (about 28 minutes here, checkpoints built)
+  python benchmarks/scale.py                      # everything (about 20 minutes here, checkpoints built)
   python benchmarks/scale.py --models qwen_a27b_2l --dtypes bfloat16 --no-llama_cpp
 """
 
@@ -384,6 +388,35 @@ def paired_rounds(path: str, dtype: str, threads: int, rounds: int, keep: bool) 
   return out
 
 
+def case_offload_rounds(path: str, dtype: str, rounds: int) -> dict:
+  """Resident, lru and smoe (E/4, as `case_engine`) decode in one process, alternated `rounds` times.
+
+  The machine's speed drifts between the separate cases by more than the
+  gap being measured; here the three engines run seconds apart. One entry
+  per round: each engine's TPOT and its copied bytes per decode step.
+  """
+  import moejax
+  from moejax.engine import Engine
+
+  prompt, forced = np.split(heldout_windows(1, PROMPT + NEW), [PROMPT], axis=1)
+  host = moejax.load(path, dtype=dtype, experts="host", progress=False)  # one host store for both cached engines
+  engines = {"resident": Engine(moejax.load(path, dtype=dtype, progress=False), policy="resident")}
+  for policy in ("lru", "smoe"):
+    engines[policy] = Engine(host, policy=policy, alpha=0.3 if policy == "smoe" else 0.0, cache_fraction=0.25)
+  for engine in engines.values():  # compiles
+    engine.generate(prompt, NEW, forced_tokens=forced)
+  out = []
+  for i in range(rounds):
+    row = {"round": i, "load_average": os.getloadavg()[0]}
+    for name, engine in engines.items():
+      engine.reset()
+      s = engine.generate(prompt, NEW, forced_tokens=forced).stats
+      row[f"{name}_tpot_s"] = s["tpot_s"]
+      row[f"{name}_bytes_per_step"] = s["bytes_to_device"] / s["decode_steps"]
+    out.append(row)
+  return {"impl": "moejax", "rounds": out}
+
+
 def run_case(case: dict) -> dict:
   if case["kind"] == "engine":
     return case_engine(case["path"], case["dtype"], case["policy"])
@@ -393,6 +426,8 @@ def run_case(case: dict) -> dict:
     return case_prompt(case["path"], case["dtype"], case["impl"], case["threads"])
   if case["kind"] == "paths":
     return case_paths(case["path"], case["dtype"])
+  if case["kind"] == "offload_rounds":
+    return case_offload_rounds(case["path"], case["dtype"], case["rounds"])
   return case_llama(case["path"], case["dtype"], case["threads"], case["keep"])
 
 
@@ -429,11 +464,10 @@ def _row(rows, **match):
   return None
 
 
-def copy_floor(off: dict | None, resident_tpot: float | None, paths: dict | None) -> str | None:
+def copy_floor(per_token: float | None, resident_tpot: float | None, paths: dict | None) -> str | None:
   """The least an offloaded decode can take here: resident TPOT + its copied bytes per token at numpy's copy speed."""
-  if not (off and resident_tpot and paths and off["decode_steps"]):
+  if per_token is None or not (resident_tpot and paths):
     return None
-  per_token = off["bytes_to_device"] / off["decode_steps"]
   floor = resident_tpot + per_token / (paths["GBps"]["memcpy"] * 1e9)
   return (
     f"copy floor {floor / resident_tpot:.2f}x: {per_token / 1e6:.0f} MB copied per token at this machine's "
@@ -441,7 +475,15 @@ def copy_floor(off: dict | None, resident_tpot: float | None, paths: dict | None
   )
 
 
-def goals(rows: list[dict], prompt_rows: list[dict], paired_rows: list[dict] = ()) -> list[dict]:
+def _median_of_rounds(ratios: list[float]) -> tuple[float, str]:
+  """The median of alternated rounds' ratios, and a note listing them."""
+  ratios = sorted(ratios)
+  return float(np.median(ratios)), f"{len(ratios)} alternated rounds: " + ", ".join(f"{x:.2f}" for x in ratios)
+
+
+def goals(
+  rows: list[dict], prompt_rows: list[dict], paired_rows: list[dict] = (), offload_rounds: list[dict] = ()
+) -> list[dict]:
   """Each goal of the issue with its number and met / not met (None: not measured in this run)."""
   out = []
 
@@ -505,9 +547,8 @@ def goals(rows: list[dict], prompt_rows: list[dict], paired_rows: list[dict] = (
     tpot = res and res["tpot_s"]
     rounds = [r for r in paired_rows if r["dtype"] == dtype and "error" not in r]
     if rounds:  # the machine's speed drifts between cases: the median of alternated rounds
-      ratios = sorted(r["ratio"] for r in rounds)
-      value, detail, compared = float(np.median(ratios)), "batch 1, median of alternated rounds", rounds
-      note = f"{len(ratios)} alternated rounds: " + ", ".join(f"{x:.2f}" for x in ratios)
+      value, note = _median_of_rounds([r["ratio"] for r in rounds])
+      detail, compared = "batch 1, median of alternated rounds", rounds
     else:
       value, detail, compared, note = tpot / llama["tpot_s"] if tpot and llama else None, "batch 1", [res, llama], None
     goal(f"resident decode TPOT / llama.cpp (qwen_a27b_2l, {dtype})", value, bound_llama, detail, *compared, note=note)
@@ -520,17 +561,24 @@ def goals(rows: list[dict], prompt_rows: list[dict], paired_rows: list[dict] = (
       hf,
     )
     paths = _row(rows, model="qwen_a27b_2l", dtype=dtype, impl="expert paths")
+    alternated = [r for r in offload_rounds if r["dtype"] == dtype]
     for name in ("lru", "smoe"):
       off = _row(rows, model="qwen_a27b_2l", dtype=dtype, impl="moejax", policy=name)
-      goal(
-        f"{name} E/4 decode TPOT / resident (qwen_a27b_2l, {dtype})",
-        off["tpot_s"] / tpot if off and tpot else None,
-        1.5,
-        "routing per the row's distinct/reuse",
-        off,
-        res,
-        note=copy_floor(off, tpot, paths),
-      )
+      if alternated:  # as against llama.cpp: the median of rounds in which the engines alternate
+        value, note = _median_of_rounds([r[f"{name}_tpot_s"] / r["resident_tpot_s"] for r in alternated])
+        resident = float(np.median([r["resident_tpot_s"] for r in alternated]))
+        per_token = float(np.median([r[f"{name}_bytes_per_step"] for r in alternated]))
+        detail, compared = (
+          "median of alternated rounds in one process; routing per the row's distinct/reuse",
+          alternated,
+        )
+      else:
+        value = off["tpot_s"] / tpot if off and tpot else None
+        resident, per_token, note = tpot, off and off["bytes_to_device"] / off["decode_steps"], None
+        detail, compared = "routing per the row's distinct/reuse", [off, res]
+      floor = copy_floor(per_token, resident, paths)
+      note = "; ".join(n for n in (note, floor) if n) or None
+      goal(f"{name} E/4 decode TPOT / resident (qwen_a27b_2l, {dtype})", value, 1.5, detail, *compared, note=note)
   for dtype in DTYPES:
     paths = _row(rows, model="qwen_a27b_2l", dtype=dtype, impl="expert paths")
     goal(
@@ -567,9 +615,10 @@ def main():
   parser.add_argument(
     "--paired",
     type=int,
-    default=3,
-    help="rounds of moejax resident and llama.cpp decode alternated on qwen_a27b_2l (the machine's speed drifts "
-    "between cases: the goal against llama.cpp is the median of these rounds' ratios)",
+    default=5,
+    help="rounds in which moejax resident and llama.cpp decode alternate, and (in one process) moejax resident, "
+    "lru and smoe, on qwen_a27b_2l (the machine's speed drifts between cases: the goals against llama.cpp and "
+    "resident are the medians of these rounds' ratios)",
   )
   parser.add_argument("--compilation_cache", default=None, help="JAX persistent compilation cache for moejax runs")
   parser.add_argument(
@@ -624,6 +673,14 @@ def main():
   if args.paired and args.llama_cpp and "qwen_a27b_2l" in args.models.split(","):
     for dtype in args.dtypes.split(","):
       paired_rows += paired_rounds(checkpoint("qwen_a27b_2l", dtype), dtype, args.threads, args.paired, args.keep_gguf)
+  offload_rounds = []
+  if args.paired and {"lru", "smoe"} <= set(args.policies.split(",")) and "qwen_a27b_2l" in args.models.split(","):
+    for dtype in args.dtypes.split(","):
+      path = checkpoint("qwen_a27b_2l", dtype)
+      got = in_subprocess({"kind": "offload_rounds", "path": path, "dtype": dtype, "rounds": args.paired})
+      for r in got.get("rounds", [{"error": got.get("error")}]):
+        offload_rounds.append({"model": "qwen_a27b_2l", "dtype": dtype, **r})
+        print(json.dumps(offload_rounds[-1]), flush=True)
   if args.cache_check:  # the persistent compilation cache: the same case twice, from an empty cache
     model, dtype = args.models.split(",")[0], args.dtypes.split(",")[0]
     with tempfile.TemporaryDirectory() as cache_dir:
@@ -638,7 +695,7 @@ def main():
         row = {"model": model, "dtype": dtype, "compilation_cache": run, **in_subprocess(case)}
         cache_rows.append({k: row.get(k) for k in ("model", "dtype", "compilation_cache", "compile_s", "error")})
         print(json.dumps(cache_rows[-1]), flush=True)
-  checks = goals(rows, prompt_rows, paired_rows)
+  checks = goals(rows, prompt_rows, paired_rows, [r for r in offload_rounds if "error" not in r])
   for g in checks:
     state = "not measured" if g["met"] is None else ("met" if g["met"] else "NOT MET")
     value = "-" if g["value"] is None else f"{g['value']:.2f}"
@@ -655,6 +712,7 @@ def main():
     rows=rows,
     prompt_rows=prompt_rows,
     paired_rows=paired_rows,
+    offload_rounds=offload_rounds,
     compilation_cache_rows=cache_rows,
     goals=checks,
     extra_versions={"transformers": transformers.__version__, "torch": torch.__version__},
