@@ -574,7 +574,8 @@ def goals(
         )
       else:
         value = off["tpot_s"] / tpot if off and tpot else None
-        resident, per_token, note = tpot, off and off["bytes_to_device"] / off["decode_steps"], None
+        per_token = off["bytes_to_device"] / off["decode_steps"] if off and off["decode_steps"] else None
+        resident, note = tpot, None
         detail, compared = "routing per the row's distinct/reuse", [off, res]
       floor = copy_floor(per_token, resident, paths)
       note = "; ".join(n for n in (note, floor) if n) or None
