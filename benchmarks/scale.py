@@ -118,6 +118,8 @@ POLICIES = ("resident", "lru", "smoe")
 DTYPES = ("bfloat16", "float32")
 PROMPT, NEW = 16, 32
 PROMPT_SHAPES = ((1, 16), (1, 128), (4, 16), (4, 128))
+CACHE_FRACTION = 0.25  # lru and smoe: E/4 slots per MoE layer
+SMOE_ALPHA = 0.3
 PROMPT_RUNS = 5  # timed prompt passes per shape, after a compiling / warm-up call
 XLA_FLAGS = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
 
@@ -149,8 +151,12 @@ def _reset_peak() -> int:
   return _memory()["VmRSS"]
 
 
+def _alpha(policy: str) -> float:
+  return SMOE_ALPHA if policy == "smoe" else 0.0
+
+
 def case_engine(path: str, dtype: str, policy: str) -> dict:
-  """moejax `Engine` with `policy` (resident: experts loaded to the device; else host, cache_fraction 0.25)."""
+  """moejax `Engine` with `policy` (resident: experts loaded to the device; else host, `CACHE_FRACTION`)."""
   start = _memory()["VmRSS"]
   import jax
   import transformers  # noqa: F401  (moejax resolves config.json through it: counted as an import)
@@ -166,9 +172,8 @@ def case_engine(path: str, dtype: str, policy: str) -> dict:
   if policy == "resident":
     engine = Engine(moejax.load(path, dtype=dtype, progress=False), policy="resident", record_routing=True)
   else:
-    alpha = 0.3 if policy == "smoe" else 0.0
     engine = Engine.from_pretrained(
-      path, dtype=dtype, policy=policy, alpha=alpha, cache_fraction=0.25, record_routing=True
+      path, dtype=dtype, policy=policy, alpha=_alpha(policy), cache_fraction=CACHE_FRACTION, record_routing=True
     )
   load_s = time.perf_counter() - t
   load_peak = _memory()["VmHWM"] - base
@@ -188,12 +193,12 @@ def case_engine(path: str, dtype: str, policy: str) -> dict:
     a.nbytes for w in model.experts if w is not None for a in w
   )
   c = model.config
-  slots = int(0.25 * c.num_experts) if policy != "resident" else 0
+  slots = engine.num_slots if policy != "resident" else 0
   cache = slots * c.expert_param_count() * jax.numpy.dtype(model.dtype).itemsize * len(c.moe_layer_ids)
   return {
     "impl": "moejax",
     "policy": policy,
-    "alpha": 0.3 if policy == "smoe" else 0.0,
+    "alpha": _alpha(policy),
     "load_s": load_s,
     "import_rss_bytes": base - start,
     "peak_load_rss_bytes": load_peak,
@@ -326,14 +331,14 @@ def case_paths(path: str, dtype: str, repeats: int = 25) -> dict:
   options = compiler_options()
   experts = jax.jit(routed_experts, static_argnames="act", compiler_options=options)
   cpu = jax.jit(host_experts, static_argnames="act", compiler_options=options)
-  slots = [slot_cache.empty_slots(c, c.num_experts // 4, model.dtype)]
+  slots = [slot_cache.empty_slots(c, int(CACHE_FRACTION * c.num_experts), model.dtype)]
 
   def fill():
     slots[0] = slot_cache.write_slots(slots[0], store, ids, jnp.arange(k, dtype=jnp.int32))
     return slots[0]
 
   stacks = [np.asarray(a) for a in store]  # host copies: a numpy source and destination of the store's shapes
-  dst = [np.empty((c.num_experts // 4, *a.shape[1:]), a.dtype) for a in stacks]
+  dst = [np.empty((int(CACHE_FRACTION * c.num_experts), *a.shape[1:]), a.dtype) for a in stacks]
 
   order = list(enumerate(np.asarray(ids)))  # (slot, expert)
 
@@ -366,14 +371,14 @@ def case_paths(path: str, dtype: str, repeats: int = 25) -> dict:
   }
 
 
-def paired_rounds(path: str, dtype: str, threads: int, rounds: int, keep: bool) -> list[dict]:
+def paired_rounds(model: str, dtype: str, threads: int, rounds: int, keep: bool) -> list[dict]:
   """moejax resident decode and llama.cpp's, alternated `rounds` times (the GGUF converted once): one row a round."""
-  out = []
+  path, out = checkpoint(model, dtype), []
   for i in range(rounds):
     ours = in_subprocess({"kind": "engine", "policy": "resident", "path": path, "dtype": dtype})
     last = i == rounds - 1
     llama = in_subprocess({"kind": "llama", "path": path, "dtype": dtype, "threads": threads, "keep": keep or not last})
-    row = {"model": os.path.basename(path), "dtype": dtype, "round": i}
+    row = {"model": model, "dtype": dtype, "round": i}
     if "error" in ours or "error" in llama:
       row["error"] = ours.get("error") or llama.get("error")
     else:
@@ -389,7 +394,7 @@ def paired_rounds(path: str, dtype: str, threads: int, rounds: int, keep: bool) 
 
 
 def case_offload_rounds(path: str, dtype: str, rounds: int) -> dict:
-  """Resident, lru and smoe (E/4, as `case_engine`) decode in one process, alternated `rounds` times.
+  """Resident, lru and smoe (`CACHE_FRACTION`, as `case_engine`) decode in one process, alternated `rounds` times.
 
   The machine's speed drifts between the separate cases by more than the
   gap being measured; here the three engines run seconds apart. One entry
@@ -402,7 +407,7 @@ def case_offload_rounds(path: str, dtype: str, rounds: int) -> dict:
   host = moejax.load(path, dtype=dtype, experts="host", progress=False)  # one host store for both cached engines
   engines = {"resident": Engine(moejax.load(path, dtype=dtype, progress=False), policy="resident")}
   for policy in ("lru", "smoe"):
-    engines[policy] = Engine(host, policy=policy, alpha=0.3 if policy == "smoe" else 0.0, cache_fraction=0.25)
+    engines[policy] = Engine(host, policy=policy, alpha=_alpha(policy), cache_fraction=CACHE_FRACTION)
   for engine in engines.values():  # compiles
     engine.generate(prompt, NEW, forced_tokens=forced)
   out = []
@@ -673,7 +678,7 @@ def main():
   paired_rows = []
   if args.paired and args.llama_cpp and "qwen_a27b_2l" in args.models.split(","):
     for dtype in args.dtypes.split(","):
-      paired_rows += paired_rounds(checkpoint("qwen_a27b_2l", dtype), dtype, args.threads, args.paired, args.keep_gguf)
+      paired_rows += paired_rounds("qwen_a27b_2l", dtype, args.threads, args.paired, args.keep_gguf)
   offload_rounds = []
   if args.paired and {"lru", "smoe"} <= set(args.policies.split(",")) and "qwen_a27b_2l" in args.models.split(","):
     for dtype in args.dtypes.split(","):
