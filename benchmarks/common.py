@@ -115,6 +115,17 @@ def routing_spread(routing: list[dict], k: int) -> dict[str, dict]:
   return out
 
 
+def best_time(fn, repeats: int) -> float:
+  """Fastest of `repeats` timed calls of `fn` (seconds), after one untimed warm-up / compiling call."""
+  fn()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t)
+  return best
+
+
 def write_report(name: str, path: str, extra_versions: dict | None = None, **fields) -> dict:
   """Writes a benchmark's JSON with date, machine and versions; returns it."""
   import jax

@@ -17,26 +17,15 @@ the software path's overhead against memcpy, not a PCIe link.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import write_report
+from common import best_time, write_report
 
 from moejax.models.moe import ExpertWeights
 from moejax.offload import slots as slot_cache
 from moejax.offload.store import HostExpertStore
-
-
-def _best(fn, repeats: int) -> float:
-  fn()
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - t)
-  return best
 
 
 def main():
@@ -60,10 +49,10 @@ def main():
     block = ExpertWeights(*(a[ids] for a in layer))
     nbytes = sum(a.nbytes for a in block)
     dst = ExpertWeights(*(np.empty_like(a) for a in block))
-    t_np = _best(lambda: [np.copyto(o, a) for o, a in zip(dst, block)], args.repeats)
-    t_put = _best(lambda: jax.block_until_ready(jax.device_put(block, device)), args.repeats)
+    t_np = best_time(lambda: [np.copyto(o, a) for o, a in zip(dst, block)], args.repeats)
+    t_put = best_time(lambda: jax.block_until_ready(jax.device_put(block, device)), args.repeats)
     host_block = jax.device_put(block, pinned)
-    t_pinned = _best(lambda: jax.block_until_ready(jax.device_put(host_block, on_device)), args.repeats)
+    t_pinned = best_time(lambda: jax.block_until_ready(jax.device_put(host_block, on_device)), args.repeats)
     store = HostExpertStore([layer]).layers[0]
     buffers = [ExpertWeights(*(jnp.zeros((args.slots, *a.shape[1:]), a.dtype) for a in layer))]
     experts, slots = jnp.asarray(ids, jnp.int32), jnp.arange(n, dtype=jnp.int32)
@@ -71,7 +60,7 @@ def main():
     def fill():
       buffers[0] = jax.block_until_ready(slot_cache.write_slots(buffers[0], store, experts, slots))
 
-    t_fill = _best(fill, args.repeats)
+    t_fill = best_time(fill, args.repeats)
     filled = [np.asarray(a)[:n] for a in buffers[0]]
     if not all(np.array_equal(f, a) for f, a in zip(filled, block)):
       raise AssertionError("the slot fill did not copy the experts it was given")
